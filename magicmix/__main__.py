@@ -1,0 +1,3 @@
+from magicmix.cli import main
+
+main()

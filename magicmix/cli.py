@@ -1,0 +1,98 @@
+"""The `magicmix` command line: thin wrappers over the engine and the service."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from magicmix.config import get_settings
+from magicmix.errors import MagicMixError
+
+app = typer.Typer(
+    help="MagicMix semantic image mixing: keep an image's layout, give it a prompt's content.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line error on stderr; the caller raises the returned exit."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def mix(
+    image: Annotated[str, typer.Option(help="Layout image: a local path or an http(s) URL.")],
+    prompt: Annotated[str, typer.Option(help="Content prompt.")],
+    out: Annotated[Path, typer.Option(help="Where to write the PNG.")],
+    negative_prompt: Annotated[str, typer.Option(help="Unconditional text for guidance.")] = "",
+    seed: Annotated[int | None, typer.Option(help="Seed; omitted = random (printed).")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps of the full schedule.")] = 20,
+    kmin: Annotated[float, typer.Option(help="Where the content phase starts.")] = 0.3,
+    kmax: Annotated[float, typer.Option(help="Noise level the layout is noised to.")] = 0.5,
+    mix_factor: Annotated[float, typer.Option(help="Weight of the denoised latents.")] = 0.5,
+    width: Annotated[int, typer.Option(help="Output width (rounded down to a multiple of 8).")] = 768,
+    height: Annotated[int, typer.Option(help="Output height (rounded down to a multiple of 8).")] = 768,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 7.5,
+) -> None:
+    """Mix one image with a prompt and write the result as a PNG (progress on stderr)."""
+    from magicmix.engine import MagicMixEngine, MixRequest
+    from magicmix.images import png_bytes
+    from magicmix.sources import read_image_source
+
+    settings = get_settings()
+    try:
+        layout = read_image_source(image, settings)
+        engine = MagicMixEngine.load(
+            settings.model, data_dir=settings.data_dir, device=settings.device,
+            dtype=settings.dtype, text_cache_size=settings.text_cache_size,
+        )
+        request = MixRequest(
+            image=layout, prompt=prompt, negative_prompt=negative_prompt,
+            width=width // 8 * 8, height=height // 8 * 8, kmin=kmin, kmax=kmax,
+            mix_factor=mix_factor, steps=steps, guidance_scale=guidance_scale, seed=seed,
+        )
+        (result,) = engine.mix([request], progress=True)
+    except MagicMixError as err:
+        raise fail(f"{err.field}: {err.message}" if err.field else err.message) from err
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png_bytes(result.image))
+    typer.echo(f"wrote {out} ({result.image.width}x{result.image.height}, seed {result.seed})",
+               err=True)
+
+
+@app.command("build-tiny")
+def build_tiny(directory: Annotated[Path, typer.Argument(help="Output directory.")]) -> None:
+    """Write the embedded tiny model (random weights, SD 1.x layout) as a diffusers folder."""
+    from magicmix.model_builder import build_random_model
+
+    build_random_model(directory, "tiny")
+    typer.echo(f"wrote the tiny model to {directory}", err=True)
+
+
+@app.command("build-random")
+def build_random(
+    directory: Annotated[Path, typer.Argument(help="Output directory.")],
+    arch: Annotated[str, typer.Option(help="'tiny' or 'sd15' (full-size SD 1.5).")] = "sd15",
+) -> None:
+    """Write a random-weight model of a real architecture, to measure speed without a hub."""
+    from magicmix.model_builder import build_random_model
+
+    if arch not in ("tiny", "sd15"):
+        raise fail(f"--arch must be 'tiny' or 'sd15', got {arch!r}")
+    build_random_model(directory, arch)  # type: ignore[arg-type]
+    typer.echo(f"wrote a random {arch} model to {directory}", err=True)
+
+
+def main() -> None:
+    """Entry point for `python -m magicmix`."""
+    app(prog_name="magicmix")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""All configuration, read once from `MAGICMIX_*` environment variables.
+
+Nothing else in the package reads `os.environ`: code asks `get_settings()`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+HUB_DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class Settings(BaseSettings):
+    """Service settings; the first block is the contract's, the rest are our own knobs."""
+
+    model_config = SettingsConfigDict(env_prefix="MAGICMIX_", extra="ignore")
+
+    # --- contract section 3 ---
+    model: str = "tiny"
+    data_dir: Path = Path(".magicmix")
+    api_keys: SecretStr = SecretStr("")
+    public_url: str = "http://127.0.0.1:8000"
+    retention_hours: float = Field(24.0, gt=0)
+    allow_private_urls: bool = False
+    sync_wait_s: float = Field(30.0, ge=0, le=140)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    store_url: str | None = None
+    s3_endpoint_url: str | None = None
+    secret_key: SecretStr | None = None
+
+    # --- engine ---
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    compile: bool = False
+    channels_last: bool = True
+    text_cache_size: int = Field(256, ge=0)
+
+    # --- jobs and worker ---
+    max_queue: int = Field(64, ge=1)
+    max_queued_per_key: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1, le=64)
+    batch_wait_ms: int = Field(25, ge=0)
+    cleanup_interval_s: float = Field(600.0, gt=0)
+
+    # --- inputs ---
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=64 * 64)
+    fetch_timeout_s: float = Field(15.0, gt=0)
+
+    # --- webhooks ---
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    webhook_backoff_s: float = Field(1.0, ge=0)
+
+    log_level: str = "INFO"
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @property
+    def static_api_keys(self) -> list[str]:
+        """Keys from `MAGICMIX_API_KEYS`, accepted besides those in the database."""
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    @property
+    def effective_store_url(self) -> str:
+        return self.store_url or f"file://{self.data_dir / 'outputs'}"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "magicmix.sqlite3"
+
+    def secret_key_bytes(self) -> bytes:
+        """The service secret: from the environment, else generated once into the data dir."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process won the race; use its key
+                pass
+            else:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_urlsafe(32))
+        return path.read_text().strip().encode()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

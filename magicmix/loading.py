@@ -1,0 +1,89 @@
+"""Find and load the Stable Diffusion 1.x components the engine runs on.
+
+`MAGICMIX_MODEL` names the model: `tiny` (built offline into the data dir on first use),
+a local diffusers directory, or a Hugging Face hub id (read from the local HF cache when
+`HF_HUB_OFFLINE=1`, as on Modal where a Volume holds the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from magicmix.model_builder import build_random_model
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+# Files a hub checkpoint needs for MagicMix; everything else in a repo (safety checker,
+# full-precision and .ckpt weights, EMA copies) is never downloaded.
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+]
+
+
+@dataclass
+class Components:
+    """The five pieces of an SD 1.x checkpoint that MagicMix uses (no safety checker)."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("MAGICMIX_DEVICE=cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp16 on CUDA (SD 1.x was trained for it) and fp32 on the CPU."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def resolve_model_source(model: str, data_dir: Path) -> str:
+    """Turn `MAGICMIX_MODEL` into something `from_pretrained` takes, building `tiny` if needed."""
+    if model == TINY:
+        tiny_dir = data_dir / "tiny-model"
+        if not (tiny_dir / "model_index.json").exists():
+            log.info("building the embedded tiny model into %s", tiny_dir)
+            build_random_model(tiny_dir, "tiny")
+        return str(tiny_dir)
+    return model
+
+
+def load_components(source: str, *, device: torch.device, dtype: torch.dtype) -> Components:
+    """Load each component once, in `dtype` on `device`; fp16 files are preferred when asked."""
+    variant = "fp16" if dtype == torch.float16 and not Path(source).is_dir() else None
+    common = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    # MagicMix is defined with a deterministic sampler; DDIM reads the checkpoint's own
+    # noise schedule from its scheduler config, whatever scheduler class it names.
+    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return Components(vae, text_encoder, tokenizer, unet, scheduler)

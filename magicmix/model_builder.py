@@ -1,0 +1,171 @@
+"""Build Stable Diffusion 1.x models with random weights, offline and deterministically.
+
+`tiny` is the embedded model the tests and `make run` use: the SD 1.x architecture at toy
+sizes, so every code path runs in seconds on a CPU (its images are noise). `sd15` is the
+real SD 1.5 architecture at full size, for measuring speed and memory on a GPU machine
+that cannot reach a model hub. Both are written as a diffusers folder that
+`StableDiffusionPipeline.from_pretrained(DIR)` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+Arch = Literal["tiny", "sd15"]
+BUILD_SEED = 20221029  # fixed, so two builds are byte-identical
+CLIP_MAX_TOKENS = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character map (as in OpenAI's CLIP tokenizer)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes), strict=True))
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """A real byte-level CLIP BPE tokenizer with the base alphabet and no learned merges.
+
+    Every text tokenizes (byte by byte) exactly as CLIP's tokenizer would before merging;
+    that is all a random-weight model needs, and it keeps the folder small.
+    """
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [ch + "</w>" for ch in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = CLIP_MAX_TOKENS
+    return tokenizer
+
+
+def _sd_scheduler() -> DDIMScheduler:
+    """DDIM with the SD 1.x noise schedule (as in SD 1.5's scheduler config)."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _tiny_modules(vocab_size: int) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    # Four blocks, so the VAE downsamples by 8 as SD 1.x does.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=CLIP_MAX_TOKENS,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    return unet, vae, text_encoder
+
+
+def _sd15_modules() -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """SD 1.5's exact configs (UNet 860M, VAE 84M, CLIP ViT-L/14 text tower 123M)."""
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=CLIP_MAX_TOKENS,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    return unet, vae, text_encoder
+
+
+def build_random_model(directory: Path, arch: Arch = "tiny") -> Path:
+    """Write a random-weight SD 1.x model of `arch` to `directory`; returns the directory."""
+    tokenizer = build_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):  # seed locally, leave global RNG state untouched
+        torch.manual_seed(BUILD_SEED)
+        if arch == "tiny":
+            unet, vae, text_encoder = _tiny_modules(vocab_size=len(tokenizer))
+        elif arch == "sd15":
+            unet, vae, text_encoder = _sd15_modules()
+        else:
+            raise ValueError(f"unknown architecture {arch!r}; expected 'tiny' or 'sd15'")
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -1,0 +1,40 @@
+"""Where a layout image comes from: an http(s) URL, a data URI, bare base64, or (CLI) a path."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from PIL import Image
+
+from magicmix.config import Settings
+from magicmix.errors import InvalidInput, PayloadTooLarge
+from magicmix.fetch import fetch_image_bytes
+from magicmix.images import decode_image, decode_inline_image
+
+
+async def image_bytes_from_field(value: str, settings: Settings, *, field: str = "image") -> bytes:
+    """Raw bytes of the API's `image` field: inline data, or a URL fetched behind the SSRF guard."""
+    inline = decode_inline_image(value, max_bytes=settings.max_image_bytes, field=field)
+    if inline is not None:
+        return inline
+    return await fetch_image_bytes(value.strip(), settings, field=field)
+
+
+def read_image_source(value: str, settings: Settings) -> Image.Image:
+    """The CLI's `--image`: a local file, or anything the API's `image` field accepts."""
+    path = Path(value).expanduser()
+    if not value.lower().startswith(("http://", "https://", "data:")) and path.exists():
+        if path.stat().st_size > settings.max_image_bytes:
+            raise PayloadTooLarge(
+                f"{path} is larger than {settings.max_image_bytes} bytes", field="image"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise InvalidInput(f"cannot read {path}: {err.strerror}", field="image") from err
+    elif "://" not in value and not value.startswith("data:") and len(value) < 1024:
+        raise InvalidInput(f"no such file: {value}", field="image")
+    else:
+        data = asyncio.run(image_bytes_from_field(value, settings))
+    return decode_image(data, max_pixels=settings.max_image_pixels)
