@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -36,8 +35,12 @@ def mix(
     kmin: Annotated[float, typer.Option(help="Where the content phase starts.")] = 0.3,
     kmax: Annotated[float, typer.Option(help="Noise level the layout is noised to.")] = 0.5,
     mix_factor: Annotated[float, typer.Option(help="Weight of the denoised latents.")] = 0.5,
-    width: Annotated[int, typer.Option(help="Output width (rounded down to a multiple of 8).")] = 768,
-    height: Annotated[int, typer.Option(help="Output height (rounded down to a multiple of 8).")] = 768,
+    width: Annotated[
+        int, typer.Option(help="Output width (rounded down to a multiple of 8).")
+    ] = 768,
+    height: Annotated[
+        int, typer.Option(help="Output height (rounded down to a multiple of 8).")
+    ] = 768,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 7.5,
 ) -> None:
     """Mix one image with a prompt and write the result as a PNG (progress on stderr)."""
@@ -49,21 +52,33 @@ def mix(
     try:
         layout = read_image_source(image, settings)
         engine = MagicMixEngine.load(
-            settings.model, data_dir=settings.data_dir, device=settings.device,
-            dtype=settings.dtype, text_cache_size=settings.text_cache_size,
+            settings.model,
+            data_dir=settings.data_dir,
+            device=settings.device,
+            dtype=settings.dtype,
+            text_cache_size=settings.text_cache_size,
         )
         request = MixRequest(
-            image=layout, prompt=prompt, negative_prompt=negative_prompt,
-            width=width // 8 * 8, height=height // 8 * 8, kmin=kmin, kmax=kmax,
-            mix_factor=mix_factor, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            image=layout,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width // 8 * 8,
+            height=height // 8 * 8,
+            kmin=kmin,
+            kmax=kmax,
+            mix_factor=mix_factor,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
         )
         (result,) = engine.mix([request], progress=True)
     except MagicMixError as err:
         raise fail(f"{err.field}: {err.message}" if err.field else err.message) from err
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png_bytes(result.image))
-    typer.echo(f"wrote {out} ({result.image.width}x{result.image.height}, seed {result.seed})",
-               err=True)
+    typer.echo(
+        f"wrote {out} ({result.image.width}x{result.image.height}, seed {result.seed})", err=True
+    )
 
 
 @app.command("build-tiny")
@@ -95,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
 
     # --- engine ---
+    model_revision: str | None = None  # pin a hub model to a commit
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = False
     channels_last: bool = True

@@ -29,6 +29,7 @@ silently crops sizes that are not multiples of 8 (we validate and raise instead)
 
 from __future__ import annotations
 
+import copy
 import secrets
 import sys
 from collections import OrderedDict
@@ -38,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -86,6 +88,19 @@ class MixRequest:
 
 
 @dataclass(frozen=True)
+class EngineOptions:
+    """The GPU fast path, each part switchable so benchmarks can measure it alone."""
+
+    sdpa: bool = True  # PyTorch scaled-dot-product attention (else diffusers' classic kernel)
+    channels_last: bool = False  # NHWC memory format for the UNet and VAE convolutions
+    tf32: bool = True  # TF32 matmuls/convs on Ampere+ (no effect on the CPU)
+    compile: bool = False  # torch.compile the UNet and the VAE decoder
+    # With `compile`, UNet batches are padded up to one of these sizes so a few graphs
+    # serve every batch instead of one compile per size.
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
 class MixResult:
     image: Image.Image
     seed: int
@@ -94,6 +109,12 @@ class MixResult:
 def mix_latents(denoised: torch.Tensor, layout: torch.Tensor, mix_factor: torch.Tensor):
     """Sec. 3.2 layout mixing: ν·ẑ(t-1) + (1-ν)·z_layout(t-1), ν per sample."""
     return mix_factor * denoised + (1.0 - mix_factor) * layout
+
+
+def guidance_pad(values: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-sample scalars padded (with the last one) to `size` rows."""
+    missing = size - values.shape[0]
+    return values if missing <= 0 else torch.cat([values, values[-1:].expand(missing, -1, -1, -1)])
 
 
 def random_seed() -> int:
@@ -111,7 +132,9 @@ class MagicMixEngine:
         device: torch.device,
         dtype: torch.dtype,
         text_cache_size: int = 256,
+        options: EngineOptions | None = None,
     ) -> None:
+        self.options = options or EngineOptions()
         self.components = components
         self.model_name = "custom"
         self.device = device
@@ -121,6 +144,8 @@ class MagicMixEngine:
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
         self.unet_calls = 0  # UNet forward passes since load; tests and benchmarks read it
+        self._vae_fp32: AutoencoderKL | None = None
+        self._apply_options()
 
     @classmethod
     def load(
@@ -131,16 +156,72 @@ class MagicMixEngine:
         device: str = "auto",
         dtype: str = "auto",
         text_cache_size: int = 256,
+        options: EngineOptions | None = None,
+        revision: str | None = None,
     ) -> MagicMixEngine:
         """Load `model` (`tiny`, a diffusers directory or a hub id) onto the chosen device."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         source = resolve_model_source(model, data_dir)
-        components = load_components(source, device=torch_device, dtype=torch_dtype)
-        engine = cls(components, device=torch_device, dtype=torch_dtype,
-                     text_cache_size=text_cache_size)
+        components = load_components(
+            source, device=torch_device, dtype=torch_dtype, revision=revision
+        )
+        engine = cls(
+            components,
+            device=torch_device,
+            dtype=torch_dtype,
+            text_cache_size=text_cache_size,
+            options=options,
+        )
         engine.model_name = model
         return engine
+
+    def _apply_options(self) -> None:
+        unet, vae = self.components.unet, self.components.vae
+        if self.options.sdpa:
+            unet.set_attn_processor(AttnProcessor2_0())
+            vae.set_attn_processor(AttnProcessor2_0())
+        else:
+            unet.set_attn_processor(AttnProcessor())
+            vae.set_attn_processor(AttnProcessor())
+        if self.options.channels_last:
+            unet.to(memory_format=torch.channels_last)
+            vae.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.options.tf32
+            torch.backends.cudnn.allow_tf32 = self.options.tf32
+        if self.options.compile:
+            unet.forward = torch.compile(unet.forward, fullgraph=True, dynamic=False)
+            vae.decoder.forward = torch.compile(vae.decoder.forward, dynamic=False)
+
+    def describe(self) -> dict[str, str]:
+        """What `system_details` reports about the loaded model."""
+        return {
+            "model": self.model_name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def warmup(
+        self, width: int = 768, height: int = 768, batch_sizes: Sequence[int] = (1,)
+    ) -> None:
+        """Run one tiny mix per batch size so compilation happens now, not on a request."""
+        image = Image.new("RGB", (width, height), (127, 127, 127))
+        for size in batch_sizes:
+            requests = [
+                MixRequest(
+                    image=image,
+                    prompt="warmup",
+                    width=width,
+                    height=height,
+                    steps=2,
+                    kmin=0.0,
+                    kmax=1.0,
+                    seed=i,
+                )
+                for i in range(size)
+            ]
+            self.mix(requests, progress=False)
 
     # -- public -----------------------------------------------------------------------
 
@@ -188,8 +269,9 @@ class MagicMixEngine:
             groups.setdefault(request.batch_key(), []).append(index)
         results: list[MixResult | None] = [None] * len(requests)
         for indices in groups.values():
-            images = self._run_batch([requests[i] for i in indices], [seeds[i] for i in indices],
-                                     progress=progress)
+            images = self._run_batch(
+                [requests[i] for i in indices], [seeds[i] for i in indices], progress=progress
+            )
             for i, image in zip(indices, images, strict=True):
                 results[i] = MixResult(image=image, seed=seeds[i])
         return [r for r in results if r is not None]
@@ -221,8 +303,7 @@ class MagicMixEngine:
         nu = self._per_sample([r.mix_factor for r in requests])
         latents = scheduler.add_noise(z0, self._noise(generators, z0), timesteps[:1])
 
-        bar = tqdm(timesteps, desc="magicmix", disable=not progress, file=sys.stderr,
-                   leave=False)
+        bar = tqdm(timesteps, desc="magicmix", disable=not progress, file=sys.stderr, leave=False)
         for index, t in enumerate(bar):
             noise_pred = self._guided_noise(latents, t, text, guidance)
             denoised = scheduler.step(noise_pred, t, latents).prev_sample
@@ -246,10 +327,28 @@ class MagicMixEngine:
     ) -> torch.Tensor:
         """Classifier-free guidance with uncond and cond in one batched UNet call."""
         self.unet_calls += 1
+        size = latents.shape[0]
+        padded = self._bucket(size)
+        if padded > size:  # repeat the last sample so a compiled graph of this size is reused
+            latents = torch.cat([latents, latents[-1:].expand(padded - size, -1, -1, -1)])
+            uncond_text, cond_text = text.chunk(2)
+            text = torch.cat(
+                [
+                    torch.cat([uncond_text, uncond_text[-1:].expand(padded - size, -1, -1)]),
+                    torch.cat([cond_text, cond_text[-1:].expand(padded - size, -1, -1)]),
+                ]
+            )
         model_input = torch.cat([latents, latents])
+        if self.options.channels_last:
+            model_input = model_input.contiguous(memory_format=torch.channels_last)
         noise = self.components.unet(model_input, t, encoder_hidden_states=text).sample
         uncond, cond = noise.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        return (uncond + guidance_pad(guidance, padded) * (cond - uncond))[:size]
+
+    def _bucket(self, size: int) -> int:
+        if not self.options.compile:
+            return size
+        return next((b for b in sorted(self.options.batch_buckets) if b >= size), size)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -264,17 +363,23 @@ class MagicMixEngine:
 
     def _encode_images(self, requests: list[MixRequest]) -> torch.Tensor:
         vae = self.components.vae
-        pixels = np.stack([
-            np.asarray(
-                r.image.convert("RGB").resize((r.width, r.height), Image.Resampling.BICUBIC),
-                dtype=np.float32,
-            )
-            for r in requests
-        ])
+        pixels = np.stack(
+            [
+                np.asarray(
+                    r.image.convert("RGB").resize((r.width, r.height), Image.Resampling.BICUBIC),
+                    dtype=np.float32,
+                )
+                for r in requests
+            ]
+        )
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1.0)
         batch = batch.to(device=self.device, dtype=self.dtype)
-        posterior = vae.encode(batch).latent_dist
-        return posterior.mean * vae.config.scaling_factor
+        if self.options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        latents = vae.encode(batch).latent_dist.mean
+        if not torch.isfinite(latents).all():  # fp16 overflow: redo this batch in fp32
+            latents = self._fp32_vae().encode(batch.float()).latent_dist.mean.to(self.dtype)
+        return latents * vae.config.scaling_factor
 
     def _encode_text(self, requests: list[MixRequest]) -> torch.Tensor:
         """[uncond..., cond...] embeddings; the negative prompt is the unconditional text."""
@@ -301,7 +406,16 @@ class MagicMixEngine:
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.components.vae
-        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+        scaled = latents / vae.config.scaling_factor
+        decoded = vae.decode(scaled).sample
+        if not torch.isfinite(decoded).all():  # fp16 overflow: redo this batch in fp32
+            decoded = self._fp32_vae().decode(scaled.float()).sample
         pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         array = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in array]
+
+    def _fp32_vae(self) -> AutoencoderKL:
+        """A float32 copy of the VAE, made only the first time half precision overflows."""
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.components.vae).to(torch.float32)
+        return self._vae_fp32

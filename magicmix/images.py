@@ -37,11 +37,15 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image
                     field=field,
                 )
             if getattr(image, "n_frames", 1) > 1:
-                raise InvalidInput("animated images are not accepted; send a still image",
-                                   field=field)
+                raise InvalidInput(
+                    "animated images are not accepted; send a still image", field=field
+                )
             image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
         raise InvalidInput(
             "the image is not a readable PNG, JPEG or WebP file", field=field
         ) from err
@@ -79,8 +83,11 @@ def decode_inline_image(value: str, *, max_bytes: int, field: str = "image") -> 
     if len(payload) * 3 // 4 > max_bytes:
         raise PayloadTooLarge(f"the image is larger than {max_bytes} bytes", field=field)
     try:
-        return base64.b64decode("".join(payload.split()), altchars=b"-_" if "-" in payload
-                                or "_" in payload else None, validate=True)
+        return base64.b64decode(
+            "".join(payload.split()),
+            altchars=b"-_" if "-" in payload or "_" in payload else None,
+            validate=True,
+        )
     except (binascii.Error, ValueError) as err:
         raise InvalidInput("the image is not valid base64", field=field) from err
 

@@ -73,17 +73,26 @@ def resolve_model_source(model: str, data_dir: Path) -> str:
     return model
 
 
-def load_components(source: str, *, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load each component once, in `dtype` on `device`; fp16 files are preferred when asked."""
+def load_components(
+    source: str, *, device: torch.device, dtype: torch.dtype, revision: str | None = None
+) -> Components:
+    """Load each component once, in `dtype` on `device`; fp16 files are preferred when asked.
+
+    `revision` pins a hub checkpoint to a commit, so a redeploy never picks up new weights.
+    """
     variant = "fp16" if dtype == torch.float16 and not Path(source).is_dir() else None
     common = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common)
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(
+        source, subfolder="unet", revision=revision, **common
+    )
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, **common)
+    text_encoder = CLIPTextModel.from_pretrained(
+        source, subfolder="text_encoder", revision=revision, **common
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
     # MagicMix is defined with a deterministic sampler; DDIM reads the checkpoint's own
     # noise schedule from its scheduler config, whatever scheduler class it names.
-    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler")
+    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
     return Components(vae, text_encoder, tokenizer, unet, scheduler)

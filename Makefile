@@ -1,0 +1,46 @@
+# The two README commands: `make run` and `make test`. Everything else is a helper.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch comes first and pinned, from the CPU wheel set, so nothing drags in a CUDA build.
+# Off this machine, add PyTorch's CPU index: make TORCH_PIP_ARGS="--index-url <cpu index>"
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test test-slow lint bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/magicmix serve --host $(HOST) --port $(PORT) --print-curl
+
+lint: install
+	$(BIN)/ruff check magicmix tests benchmarks infra modal_app.py
+	$(BIN)/mypy
+	$(BIN)/bandit -q -c pyproject.toml -r magicmix
+
+test: install lint
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .magicmix .pytest_cache .mypy_cache .ruff_cache

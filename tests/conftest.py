@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny model, a loaded engine, layout images. All offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from magicmix.engine import MagicMixEngine
+from magicmix.model_builder import build_random_model
+
+pytest_plugins: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded tiny model, built once per test session."""
+    return build_random_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir: Path) -> MagicMixEngine:
+    """One engine on the tiny model, shared: loading costs more than a mix."""
+    return MagicMixEngine.load(str(tiny_model_dir), data_dir=tiny_model_dir.parent, device="cpu")
+
+
+def make_layout_image(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
+    """A deterministic picture with structure (gradients and a block), not flat colour."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = rng.integers(0, 255, 3)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.fixture
+def layout_image() -> Image.Image:
+    return make_layout_image()
