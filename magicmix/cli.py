@@ -104,6 +104,75 @@ def build_random(
     typer.echo(f"wrote a random {arch} model to {directory}", err=True)
 
 
+keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    admin: Annotated[bool, typer.Option(help="May call clear_queue, restart_server...")] = False,
+) -> None:
+    """Print a new API key and its webhook signing secret (shown once, stored hashed)."""
+    from magicmix.local import open_key_store
+
+    new = open_key_store(get_settings()).create(admin=admin)
+    typer.echo(new.key)
+    typer.echo(f"key id: {new.key_id}{' (admin)' if new.admin else ''}", err=True)
+    typer.echo(f"webhook signing secret: {new.webhook_secret}", err=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    print_curl: Annotated[
+        bool, typer.Option(help="Create a key and print a ready-to-paste curl first.")
+    ] = False,
+) -> None:
+    """Serve the ModelsLab-compatible API with uvicorn."""
+    import uvicorn
+
+    from magicmix.local import build_local_service, open_key_store
+    from magicmix.server import create_app
+
+    settings = get_settings()
+    if print_curl:
+        print_quickstart(open_key_store(settings).create(admin=True).key, settings.public_url)
+    uvicorn.run(
+        create_app(build_local_service(settings)),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+def print_quickstart(key: str, public_url: str) -> None:
+    """The key and a curl of the seed's example body, for a first request."""
+    import json
+
+    from magicmix.schemas import SEED_EXAMPLE
+
+    body = json.dumps({**SEED_EXAMPLE, "key": key}, indent=1)
+    typer.echo(f"\nAPI key (admin): {key}\n")
+    typer.echo("Try it (the tiny model's images are noise; see README for real weights):")
+    typer.echo(
+        f"curl -s -X POST {public_url}/api/v1/enterprise/image_editing/magic_mix \\\n"
+        f"  -H 'Content-Type: application/json' -d '{body}'\n"
+    )
+
+
+@app.command()
+def cleanup() -> None:
+    """Delete service-store outputs older than MAGICMIX_RETENTION_HOURS; expire their jobs."""
+    from magicmix.local import build_local_service
+
+    removed, expired = build_local_service(get_settings()).cleanup()
+    for name in removed:
+        typer.echo(f"removed {name}")
+    typer.echo(f"removed {len(removed)} outputs, expired {len(expired)} jobs", err=True)
+
+
 def main() -> None:
     """Entry point for `python -m magicmix`."""
     app(prog_name="magicmix")

@@ -122,6 +122,39 @@ def random_seed() -> int:
     return secrets.randbelow(2**32)
 
 
+def validate_request(request: MixRequest, *, vae_scale_factor: int = 8) -> None:
+    """Raise `InvalidInput` naming the first bad field; never clamp or crop silently.
+
+    A module function so the web tier (which has no model on Modal) validates the same way.
+    """
+    if not 1 <= request.steps <= 1000:
+        raise InvalidInput(f"steps must be 1..1000, got {request.steps}", field="steps")
+    if not 0.0 <= request.kmin <= request.kmax <= 1.0:
+        raise InvalidInput(
+            f"need 0 <= kmin <= kmax <= 1, got kmin={request.kmin}, kmax={request.kmax}",
+            field="kmin" if not 0.0 <= request.kmin <= 1.0 else "kmax",
+        )
+    if request.run_steps < 1:
+        raise InvalidInput(
+            f"kmax * steps must be at least 1 (kmax={request.kmax}, steps={request.steps}):"
+            " there would be no denoising step to run",
+            field="kmax",
+        )
+    if not 0.0 <= request.mix_factor <= 1.0:
+        raise InvalidInput(
+            f"mix_factor must be in [0, 1], got {request.mix_factor}", field="mix_factor"
+        )
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value < vae_scale_factor or value % vae_scale_factor:
+            raise InvalidInput(
+                f"{name} must be a positive multiple of {vae_scale_factor}, got {value}",
+                field=name,
+            )
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise InvalidInput(f"seed must be in 0..{MAX_SEED}, got {request.seed}", field="seed")
+
+
 class MagicMixEngine:
     """Runs batches of `MixRequest`s on one loaded SD 1.x model. Knows nothing of HTTP or jobs."""
 
@@ -227,32 +260,7 @@ class MagicMixEngine:
 
     def validate(self, request: MixRequest) -> None:
         """Raise `InvalidInput` naming the first bad field; never clamp or crop silently."""
-        if not 1 <= request.steps <= 1000:
-            raise InvalidInput(f"steps must be 1..1000, got {request.steps}", field="steps")
-        if not 0.0 <= request.kmin <= request.kmax <= 1.0:
-            raise InvalidInput(
-                f"need 0 <= kmin <= kmax <= 1, got kmin={request.kmin}, kmax={request.kmax}",
-                field="kmin" if not 0.0 <= request.kmin <= 1.0 else "kmax",
-            )
-        if request.run_steps < 1:
-            raise InvalidInput(
-                f"kmax * steps must be at least 1 (kmax={request.kmax}, steps={request.steps}):"
-                " there would be no denoising step to run",
-                field="kmax",
-            )
-        if not 0.0 <= request.mix_factor <= 1.0:
-            raise InvalidInput(
-                f"mix_factor must be in [0, 1], got {request.mix_factor}", field="mix_factor"
-            )
-        for name in ("width", "height"):
-            value = getattr(request, name)
-            if value < self.vae_scale_factor or value % self.vae_scale_factor:
-                raise InvalidInput(
-                    f"{name} must be a positive multiple of {self.vae_scale_factor}, got {value}",
-                    field=name,
-                )
-        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-            raise InvalidInput(f"seed must be in 0..{MAX_SEED}, got {request.seed}", field="seed")
+        validate_request(request, vae_scale_factor=self.vae_scale_factor)
 
     @torch.inference_mode()
     def mix(self, requests: Sequence[MixRequest], *, progress: bool = True) -> list[MixResult]:

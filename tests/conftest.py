@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from magicmix.engine import MagicMixEngine
 from magicmix.model_builder import build_random_model
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.s3_server", "tests.service_fixtures"]
 
 
 @pytest.fixture(scope="session")
