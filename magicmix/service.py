@@ -19,7 +19,7 @@ from magicmix import __version__
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.engine import MixRequest, random_seed, validate_request
-from magicmix.errors import Forbidden, Gone, NotFound
+from magicmix.errors import Forbidden, Gone, NotFound, StorageError
 from magicmix.images import decode_image
 from magicmix.jobs import JobParams, JobRecord, JobStatus, JobStore
 from magicmix.keys import KeyStore, Principal
@@ -316,8 +316,6 @@ class MagicMixService:
     # -- admin and details ------------------------------------------------------------
 
     def system_details(self, principal: Principal) -> SystemDetailsOut:
-        blob = self.keys.get_s3(principal.key_id)
-        s3 = S3Details.from_encrypted(self.box, blob).masked() if blob else None
         engine = self.worker.describe()
         return SystemDetailsOut(
             message="magicmix is running",
@@ -327,8 +325,18 @@ class MagicMixService:
             queue_length=self.jobs.queue_length(),
             version=__version__,
             webhook_secret=principal.webhook_secret,
-            s3=s3,
+            s3=self._masked_s3(principal.key_id),
         )
+
+    def _masked_s3(self, key_id: str) -> dict[str, Any] | None:
+        """The key's saved S3 details with secrets masked; None when there are none."""
+        blob = self.keys.get_s3(key_id)
+        if not blob:
+            return None
+        try:
+            return S3Details.from_encrypted(self.box, blob).masked()
+        except StorageError as err:  # saved under another MAGICMIX_SECRET_KEY
+            return {"error": err.message}
 
     def clear_queue(self) -> MessageOut:
         return MessageOut(message=f"cancelled {self.jobs.cancel_queued()} queued jobs")
@@ -351,6 +359,13 @@ class MagicMixService:
     async def update_s3(self, body: UpdateS3In, principal: Principal) -> MessageOut:
         """Prove the details work (write and delete a probe object), then store them."""
         details = S3Details.model_validate(body.model_dump(exclude={"key"}))
+        if details.endpoint_url:  # the probe must not become a way to scan internal hosts
+            await asyncio.to_thread(
+                check_url,
+                details.endpoint_url,
+                allow_private=self.settings.allow_private_urls,
+                field="endpoint_url",
+            )
         await asyncio.to_thread(UserBucket(details).probe)
         self.keys.set_s3(principal.key_id, details.to_encrypted(self.box))
         log.info("key %s saved S3 details for bucket %s", principal.key_id, details.bucket)
