@@ -44,22 +44,14 @@ def mix(
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 7.5,
 ) -> None:
     """Mix one image with a prompt and write the result as a PNG (progress on stderr)."""
-    from magicmix.engine import MagicMixEngine, MixRequest
     from magicmix.images import png_bytes
+    from magicmix.mix_request import MixRequest, validate_request
     from magicmix.sources import read_image_source
 
     settings = get_settings()
     try:
-        layout = read_image_source(image, settings)
-        engine = MagicMixEngine.load(
-            settings.model,
-            data_dir=settings.data_dir,
-            device=settings.device,
-            dtype=settings.dtype,
-            text_cache_size=settings.text_cache_size,
-        )
         request = MixRequest(
-            image=layout,
+            image=read_image_source(image, settings),
             prompt=prompt,
             negative_prompt=negative_prompt,
             width=width // 8 * 8,
@@ -71,7 +63,10 @@ def mix(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        (result,) = engine.mix([request], progress=True)
+        validate_request(request)  # before the model loads: bad values fail in a blink
+        from magicmix.local import load_engine
+
+        (result,) = load_engine(settings).mix([request], progress=True)
     except MagicMixError as err:
         raise fail(f"{err.field}: {err.message}" if err.field else err.message) from err
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +166,11 @@ def cleanup() -> None:
     for name in removed:
         typer.echo(f"removed {name}")
     typer.echo(f"removed {len(removed)} outputs, expired {len(expired)} jobs", err=True)
+
+
+from magicmix.sweep import sweep_command  # noqa: E402  (sweep's module imports nothing heavy)
+
+app.command("sweep")(sweep_command)
 
 
 def main() -> None:

@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     def effective_store_url(self) -> str:
         return self.store_url or f"file://{self.data_dir / 'outputs'}"
 
+    def output_url(self, name: str) -> str:
+        """Where the service serves a file of its own store (the GET /outputs route)."""
+        return f"{self.public_url}/outputs/{name}"
+
     @property
     def database_path(self) -> Path:
         return self.data_dir / "magicmix.sqlite3"

@@ -30,7 +30,6 @@ silently crops sizes that are not multiples of 8 (we validate and raise instead)
 from __future__ import annotations
 
 import copy
-import secrets
 import sys
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,7 +43,6 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from tqdm.auto import tqdm
 
-from magicmix.errors import InvalidInput
 from magicmix.loading import (
     Components,
     load_components,
@@ -52,39 +50,7 @@ from magicmix.loading import (
     resolve_dtype,
     resolve_model_source,
 )
-
-MAX_SEED = 2**63 - 1
-
-
-@dataclass(frozen=True)
-class MixRequest:
-    """One MagicMix sample: the layout image, the content prompt and the paper's knobs."""
-
-    image: Image.Image
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 768
-    height: int = 768
-    kmin: float = 0.3
-    kmax: float = 0.5
-    mix_factor: float = 0.5
-    steps: int = 20
-    guidance_scale: float = 7.5
-    seed: int | None = None
-
-    @property
-    def run_steps(self) -> int:
-        """UNet evaluations: the last `int(kmax * steps)` timesteps of the schedule."""
-        return int(self.kmax * self.steps)
-
-    @property
-    def layout_steps(self) -> int:
-        """How many of the run steps mix in the noised layout latents."""
-        return self.run_steps - int(self.kmin * self.steps)
-
-    def batch_key(self) -> tuple[int, int, int, int, int]:
-        """Requests with equal keys share every timestep and can share one UNet batch."""
-        return (self.width, self.height, self.steps, self.run_steps, self.layout_steps)
+from magicmix.mix_request import MixRequest, random_seed, validate_request
 
 
 @dataclass(frozen=True)
@@ -115,44 +81,6 @@ def guidance_pad(values: torch.Tensor, size: int) -> torch.Tensor:
     """Per-sample scalars padded (with the last one) to `size` rows."""
     missing = size - values.shape[0]
     return values if missing <= 0 else torch.cat([values, values[-1:].expand(missing, -1, -1, -1)])
-
-
-def random_seed() -> int:
-    """A seed for requests that sent none; reported back so the image can be reproduced."""
-    return secrets.randbelow(2**32)
-
-
-def validate_request(request: MixRequest, *, vae_scale_factor: int = 8) -> None:
-    """Raise `InvalidInput` naming the first bad field; never clamp or crop silently.
-
-    A module function so the web tier (which has no model on Modal) validates the same way.
-    """
-    if not 1 <= request.steps <= 1000:
-        raise InvalidInput(f"steps must be 1..1000, got {request.steps}", field="steps")
-    if not 0.0 <= request.kmin <= request.kmax <= 1.0:
-        raise InvalidInput(
-            f"need 0 <= kmin <= kmax <= 1, got kmin={request.kmin}, kmax={request.kmax}",
-            field="kmin" if not 0.0 <= request.kmin <= 1.0 else "kmax",
-        )
-    if request.run_steps < 1:
-        raise InvalidInput(
-            f"kmax * steps must be at least 1 (kmax={request.kmax}, steps={request.steps}):"
-            " there would be no denoising step to run",
-            field="kmax",
-        )
-    if not 0.0 <= request.mix_factor <= 1.0:
-        raise InvalidInput(
-            f"mix_factor must be in [0, 1], got {request.mix_factor}", field="mix_factor"
-        )
-    for name in ("width", "height"):
-        value = getattr(request, name)
-        if value < vae_scale_factor or value % vae_scale_factor:
-            raise InvalidInput(
-                f"{name} must be a positive multiple of {vae_scale_factor}, got {value}",
-                field=name,
-            )
-    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-        raise InvalidInput(f"seed must be in 0..{MAX_SEED}, got {request.seed}", field="seed")
 
 
 class MagicMixEngine:

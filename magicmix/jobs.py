@@ -79,6 +79,11 @@ class JobRecord(BaseModel):
     finished_at: float | None = None
 
     @property
+    def output_name(self) -> str:
+        """The PNG's file name in a store: stable per job (a re-run overwrites)."""
+        return f"{self.file_prefix}.png"
+
+    @property
     def file_prefix(self) -> str:
         """Unguessable stem of this job's output names; fixed at creation, so a re-run
         after a crash overwrites its own output instead of making a second one."""
@@ -171,8 +176,8 @@ class SqliteJobStore:
         row = (
             self._db.connection()
             .execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE id = ?",
-                (job_id,),  # nosec B608 - constant
+                f"SELECT {_COLUMNS} FROM jobs WHERE id = ?",  # nosec B608 - constant
+                (job_id,),
             )
             .fetchone()
         )

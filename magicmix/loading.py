@@ -15,8 +15,6 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from magicmix.model_builder import build_random_model
-
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
@@ -67,6 +65,8 @@ def resolve_model_source(model: str, data_dir: Path) -> str:
     if model == TINY:
         tiny_dir = data_dir / "tiny-model"
         if not (tiny_dir / "model_index.json").exists():
+            from magicmix.model_builder import build_random_model  # only needed once
+
             log.info("building the embedded tiny model into %s", tiny_dir)
             build_random_model(tiny_dir, "tiny")
         return str(tiny_dir)

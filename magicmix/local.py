@@ -25,8 +25,13 @@ def load_engine(settings: Settings) -> MagicMixEngine:
         dtype=settings.dtype,
         text_cache_size=settings.text_cache_size,
         revision=settings.model_revision,
-        options=EngineOptions(compile=settings.compile, channels_last=settings.channels_last),
+        options=engine_options(settings),
     )
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    """The fast-path switches that `MAGICMIX_*` controls."""
+    return EngineOptions(compile=settings.compile, channels_last=settings.channels_last)
 
 
 def open_key_store(settings: Settings) -> SqliteKeyStore:

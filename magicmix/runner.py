@@ -13,24 +13,16 @@ import time
 
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.engine import MagicMixEngine, MixRequest, MixResult
+from magicmix.engine import MagicMixEngine, MixResult
 from magicmix.errors import MagicMixError, StorageError
 from magicmix.images import decode_image, png_bytes
 from magicmix.jobs import JobRecord, JobResult, JobStore
 from magicmix.keys import KeyStore
+from magicmix.mix_request import MixRequest
 from magicmix.storage import OutputStore
 from magicmix.user_s3 import S3Details, UserBucket
 
 log = logging.getLogger(__name__)
-
-
-def output_name(job: JobRecord) -> str:
-    """The PNG's file name: stable per job (a re-run overwrites), unguessable."""
-    return f"{job.file_prefix}.png"
-
-
-def service_output_url(settings: Settings, name: str) -> str:
-    return f"{settings.public_url}/outputs/{name}"
 
 
 def to_mix_request(job: JobRecord, image_bytes: bytes, settings: Settings) -> MixRequest:
@@ -103,7 +95,7 @@ class JobRunner:
     def _store(self, job: JobRecord, result: MixResult, elapsed: float) -> JobRecord:
         """User bucket first when the key has one; the service store otherwise or as fallback."""
         data = png_bytes(result.image)
-        name = output_name(job)
+        name = job.output_name
         note = None
         blob = self.keys.get_s3(job.key_id)
         if blob:
@@ -137,7 +129,7 @@ class JobRunner:
         return self.jobs.finish(
             job.id,
             JobResult(
-                output=[service_output_url(self.settings, name)],
+                output=[self.settings.output_url(name)],
                 generation_time=elapsed,
                 stored_in="service",
                 object_names=[name],

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-MAX_SEED = 2**63 - 1
+from magicmix.mix_request import MAX_SEED
+
 SEED_EXAMPLE: dict[str, Any] = {
     "key": "your-api-key",
     "prompt": "Bed",

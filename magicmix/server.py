@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -131,15 +132,20 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": response.body})
 
 
-def create_app(service: MagicMixService) -> FastAPI:
-    """The whole API over one service; the same app runs under uvicorn and on Modal."""
+def create_app(service: MagicMixService, *, background_cleanup: bool = True) -> FastAPI:
+    """The whole API over one service; the same app runs under uvicorn and on Modal.
+
+    `background_cleanup` sweeps expired outputs from the web process; on Modal a scheduled
+    function does that instead.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
-        cleaner = asyncio.create_task(service.cleanup_forever())
+        cleaner = asyncio.create_task(service.cleanup_forever()) if background_cleanup else None
         yield
-        cleaner.cancel()
+        if cleaner is not None:
+            cleaner.cancel()
         await service.stop()
 
     app = FastAPI(
@@ -259,5 +265,7 @@ def create_app(service: MagicMixService) -> FastAPI:
         if index.exists():
             return FileResponse(index)
         return JSONResponse({"status": "ok", "docs": "/docs"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
     return app

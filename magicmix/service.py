@@ -15,16 +15,15 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from magicmix import __version__
+from magicmix import __version__, webhooks
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.engine import MixRequest, random_seed, validate_request
 from magicmix.errors import Forbidden, Gone, NotFound, StorageError
 from magicmix.images import decode_image
 from magicmix.jobs import JobParams, JobRecord, JobStatus, JobStore
 from magicmix.keys import KeyStore, Principal
+from magicmix.mix_request import MixRequest, random_seed, validate_request
 from magicmix.netguard import check_url
-from magicmix.runner import output_name, service_output_url
 from magicmix.schemas import (
     FailedOut,
     JobOut,
@@ -39,7 +38,6 @@ from magicmix.schemas import (
 from magicmix.sources import image_bytes_from_field
 from magicmix.storage import OutputStore
 from magicmix.user_s3 import S3Details, UserBucket
-from magicmix.webhooks import deliver_webhook
 
 log = logging.getLogger(__name__)
 API_BASE = "/api/v1/enterprise"
@@ -91,7 +89,7 @@ class MagicMixService:
         self.worker.start()
         pending = getattr(self.jobs, "pending_webhooks", None)
         for job in pending() if pending else []:
-            self._spawn(self._deliver(job))
+            self._spawn(self.deliver_webhook(job))
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.worker.stop)
@@ -218,7 +216,7 @@ class MagicMixService:
             if not future.done():
                 future.set_result(None)
         if job.params.webhook:
-            self._spawn(self._deliver(job))
+            self._spawn(self.deliver_webhook(job))
 
     def _get(self, job_id: int) -> JobRecord:
         job = self.jobs.get(job_id)
@@ -250,11 +248,7 @@ class MagicMixService:
             )
         ahead = max(self.jobs.queue_length() - 1, 0)
         eta = round((ahead // self.settings.batch_size + 1) * self._seconds_per_job, 1)
-        future = (
-            []
-            if self.keys.get_s3(job.key_id)
-            else [service_output_url(self.settings, output_name(job))]
-        )
+        future = [] if self.keys.get_s3(job.key_id) else [self.settings.output_url(job.output_name)]
         return ProcessingOut(
             id=job.id,
             eta=eta,
@@ -294,7 +288,7 @@ class MagicMixService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _deliver(self, job: JobRecord) -> None:
+    async def deliver_webhook(self, job: JobRecord) -> None:
         """POST the final reply (plus track_id) to the job's webhook; record the outcome."""
         assert job.params.webhook is not None  # nosec B101 - only called with a webhook
         try:
@@ -302,7 +296,7 @@ class MagicMixService:
         except Gone as err:
             payload = FailedOut(id=job.id, message=err.message).model_dump(mode="json")
         payload["track_id"] = job.params.track_id
-        outcome = await deliver_webhook(
+        outcome = await webhooks.deliver_webhook(
             job.params.webhook,
             payload,
             secret=self.keys.webhook_secret(job.key_id),

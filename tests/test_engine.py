@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from magicmix.engine import MagicMixEngine, MixRequest, mix_latents
+from magicmix.engine import MagicMixEngine, mix_latents
 from magicmix.errors import InvalidInput
 from magicmix.images import png_bytes
+from magicmix.mix_request import MixRequest
 from tests.conftest import make_layout_image
 
 

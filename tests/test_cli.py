@@ -1,0 +1,149 @@
+"""The `magicmix` command line, run as a real process (as a user would)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import make_layout_image
+
+
+def magicmix(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "magicmix", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "MAGICMIX_DATA_DIR": str(tmp_path / "data"), "MAGICMIX_DEVICE": "cpu"}
+
+
+def test_build_tiny_then_mix_twice_gives_identical_pngs(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    model = tmp_path / "tiny"
+    built = magicmix("build-tiny", str(model), env=cli_env)
+    assert built.returncode == 0, built.stderr
+    assert (model / "model_index.json").exists()
+    layout = tmp_path / "layout.jpg"
+    make_layout_image().save(layout)
+    env = {**cli_env, "MAGICMIX_MODEL": str(model)}
+    outputs = []
+    for name in ("a.png", "b.png"):
+        out = tmp_path / name
+        run = magicmix(
+            "mix",
+            "--image",
+            str(layout),
+            "--prompt",
+            "Bed",
+            "--seed",
+            "1",
+            "--width",
+            "256",
+            "--height",
+            "259",
+            "--out",
+            str(out),
+            env=env,
+        )
+        assert run.returncode == 0, run.stderr
+        assert "seed 1" in run.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    assert Image.open(tmp_path / "a.png").size == (256, 256)  # 259 rounded down to 256
+
+
+def test_mix_defaults_to_768_and_reports_its_random_seed(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    layout = tmp_path / "layout.png"
+    make_layout_image().save(layout)
+    out = tmp_path / "out.png"
+    run = magicmix(
+        "mix",
+        "--image",
+        str(layout),
+        "--prompt",
+        "Bed",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        env=cli_env,
+    )  # MAGICMIX_MODEL unset: tiny, built once
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (768, 768)
+    assert "seed " in run.stderr
+    assert (tmp_path / "data" / "tiny-model" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kmin", "0.6", "--kmax", "0.5"], "kmax"),
+        (["--steps", "0"], "steps"),
+        (["--image", "/no/such/file.png"], "no such file"),
+        (["--mix-factor", "3"], "mix_factor"),
+    ],
+)
+def test_bad_values_give_a_one_line_error_and_nonzero_exit(
+    tmp_path: Path, cli_env: dict[str, str], args: list[str], message: str
+) -> None:
+    layout = tmp_path / "layout.png"
+    make_layout_image().save(layout)
+    base = {"--image": str(layout), "--prompt": "p", "--out": str(tmp_path / "o.png")}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    run = magicmix("mix", *[x for pair in base.items() for x in pair], env=cli_env)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    bogus = tmp_path / "bogus.png"
+    bogus.write_bytes(b"definitely not a png")
+    run = magicmix(
+        "mix", "--image", str(bogus), "--prompt", "p", "--out", str(tmp_path / "o.png"), env=cli_env
+    )
+    assert run.returncode != 0 and "error: image:" in run.stderr
+
+
+def test_keys_create_prints_a_key_that_the_service_accepts(cli_env: dict[str, str]) -> None:
+    run = magicmix("keys", "create", env=cli_env)
+    assert run.returncode == 0, run.stderr
+    key = run.stdout.strip()
+    assert key.startswith("mm_") and "whsec_" in run.stderr
+
+    from magicmix.config import Settings
+    from magicmix.local import open_key_store
+
+    settings = Settings(data_dir=Path(cli_env["MAGICMIX_DATA_DIR"]))
+    assert open_key_store(settings).authenticate(key).key_id in run.stderr
+
+
+def test_every_command_has_help(cli_env: dict[str, str]) -> None:
+    for command in (
+        [],
+        ["mix"],
+        ["serve"],
+        ["keys", "create"],
+        ["cleanup"],
+        ["build-tiny"],
+        ["build-random"],
+    ):
+        run = magicmix(*command, "--help", env=cli_env)
+        assert run.returncode == 0 and "Usage" in run.stdout, command
