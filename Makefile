@@ -34,6 +34,7 @@ lint: install
 	$(BIN)/bandit -q -c pyproject.toml -r magicmix
 
 test: install lint
+	scripts/install-browser.sh
 	$(BIN)/python -m pytest
 
 test-slow: install

@@ -149,7 +149,8 @@ def print_quickstart(key: str, public_url: str) -> None:
     from magicmix.schemas import SEED_EXAMPLE
 
     body = json.dumps({**SEED_EXAMPLE, "key": key}, indent=1)
-    typer.echo(f"\nAPI key (admin): {key}\n")
+    typer.echo(f"\nAPI key (admin): {key}")
+    typer.echo(f"Playground: {public_url}/  (paste the key there)\n")
     typer.echo("Try it (the tiny model's images are noise; see README for real weights):")
     typer.echo(
         f"curl -s -X POST {public_url}/api/v1/enterprise/image_editing/magic_mix \\\n"
