@@ -25,7 +25,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# A local dev server: loopback image URLs are allowed so the bundled sample image works
+# offline (`magicmix serve` on its own keeps the SSRF guard fully on).
 run: install
+	MAGICMIX_ALLOW_PRIVATE_URLS=$${MAGICMIX_ALLOW_PRIVATE_URLS:-true} \
+	MAGICMIX_PUBLIC_URL=$${MAGICMIX_PUBLIC_URL:-http://$(HOST):$(PORT)} \
 	$(BIN)/magicmix serve --host $(HOST) --port $(PORT) --print-curl
 
 lint: install

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from magicmix.config import get_settings
+from magicmix.config import Settings, get_settings
 from magicmix.errors import MagicMixError
 
 app = typer.Typer(
@@ -132,7 +132,7 @@ def serve(
 
     settings = get_settings()
     if print_curl:
-        print_quickstart(open_key_store(settings).create(admin=True).key, settings.public_url)
+        print_quickstart(open_key_store(settings).create(admin=True).key, settings)
     uvicorn.run(
         create_app(build_local_service(settings)),
         host=host,
@@ -142,13 +142,23 @@ def serve(
     )
 
 
-def print_quickstart(key: str, public_url: str) -> None:
-    """The key and a curl of the seed's example body, for a first request."""
+def print_quickstart(key: str, settings: Settings) -> None:
+    """The key and a curl of the seed's example body, for a first request.
+
+    With private URLs allowed (as `make run` does), the layout image is the sample this
+    server ships, so the curl works offline; otherwise it is the seed's own image URL.
+    """
     import json
 
     from magicmix.schemas import SEED_EXAMPLE
 
-    body = json.dumps({**SEED_EXAMPLE, "key": key}, indent=1)
+    public_url = settings.public_url
+    image = (
+        f"{public_url}/static/sample-layout.jpg"
+        if settings.allow_private_urls
+        else SEED_EXAMPLE["image"]
+    )
+    body = json.dumps({**SEED_EXAMPLE, "key": key, "image": image}, indent=1)
     typer.echo(f"\nAPI key (admin): {key}")
     typer.echo(f"Playground: {public_url}/  (paste the key there)\n")
     typer.echo("Try it (the tiny model's images are noise; see README for real weights):")

@@ -8,6 +8,7 @@ a local diffusers directory, or a Hugging Face hub id (read from the local HF ca
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+# from_pretrained builds modules under a process-wide patch of torch.nn (meta-device init),
+# so two loads in two threads (a reload beside a start) corrupt each other: one at a time.
+_LOAD_LOCK = threading.Lock()
 # Files a hub checkpoint needs for MagicMix; everything else in a repo (safety checker,
 # full-precision and .ckpt weights, EMA copies) is never downloaded.
 HUB_ALLOW_PATTERNS = [
@@ -80,19 +84,20 @@ def load_components(
 
     `revision` pins a hub checkpoint to a commit, so a redeploy never picks up new weights.
     """
-    variant = "fp16" if dtype == torch.float16 and not Path(source).is_dir() else None
-    common = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
-    unet = UNet2DConditionModel.from_pretrained(
-        source, subfolder="unet", revision=revision, **common
-    )
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, **common)
-    text_encoder = CLIPTextModel.from_pretrained(
-        source, subfolder="text_encoder", revision=revision, **common
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-    # MagicMix is defined with a deterministic sampler; DDIM reads the checkpoint's own
-    # noise schedule from its scheduler config, whatever scheduler class it names.
-    scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    with _LOAD_LOCK:
+        variant = "fp16" if dtype == torch.float16 and not Path(source).is_dir() else None
+        common = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", revision=revision, **common
+        )
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, **common)
+        text_encoder = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", revision=revision, **common
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+        # MagicMix is defined with a deterministic sampler; DDIM reads the checkpoint's own
+        # noise schedule from its scheduler config, whatever scheduler class it names.
+        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
     return Components(vae, text_encoder, tokenizer, unet, scheduler)

@@ -88,18 +88,28 @@ class LocalWorker:
     # -- the thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self.engine = self._load_engine()
+        while not self._stop.is_set() and not self._try_load():
+            self._stop.wait(5.0)  # queued jobs wait (they are not lost) until a load works
         self._ready.set()
         while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
+            submitted = self._wake.wait(timeout=1.0)  # the timeout only re-checks the queue
             self._wake.clear()
             if self._reload.is_set():
                 self._reload.clear()
-                self.engine = self._load_engine()
-            if self._batch_wait_s and not self._stop.is_set():
+                self._try_load()  # on failure the previous engine keeps serving
+            if submitted and self._batch_wait_s and not self._stop.is_set():
                 time.sleep(self._batch_wait_s)  # let requests arriving together batch up
             while not self._stop.is_set() and self._drain_one_batch():
                 pass
+
+    def _try_load(self) -> bool:
+        try:
+            self.engine = self._load_engine()
+        except Exception:
+            log.exception("loading the model failed")
+            return False
+        log.info("model loaded: %s", self.engine.describe())
+        return True
 
     def _drain_one_batch(self) -> bool:
         batch = self._jobs.claim(self._batch_size)
