@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from magicmix.errors import Busy
+
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS api_keys (
         key_id TEXT PRIMARY KEY,
@@ -73,7 +75,10 @@ class Database:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction taken up front, so concurrent writers queue instead of fail."""
         connection = self.connection()
-        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:  # still locked after the busy timeout
+            raise Busy("the job database is busy; retry shortly", retry_after=1) from err
         try:
             yield connection
         except BaseException:

@@ -99,8 +99,13 @@ class LocalWorker:
                 self._try_load()  # on failure the previous engine keeps serving
             if submitted and self._batch_wait_s and not self._stop.is_set():
                 time.sleep(self._batch_wait_s)  # let requests arriving together batch up
-            while not self._stop.is_set() and self._drain_one_batch():
-                pass
+            try:
+                while not self._stop.is_set() and self._drain_one_batch():
+                    pass
+            except Exception:  # e.g. the database stayed locked: keep the thread alive
+                log.exception("worker could not take jobs; retrying shortly")
+                self._stop.wait(1.0)
+                self._wake.set()
 
     def _try_load(self) -> bool:
         try:

@@ -206,5 +206,5 @@ def test_the_page_loads_nothing_from_other_hosts(running: RunningService) -> Non
     for name in ("app.js", "style.css"):
         served = running.http.get(f"{running.base_url}/static/{name}")
         assert served.status_code == 200 and served.text == (STATIC_DIR / name).read_text()
-    for path in STATIC_DIR.iterdir():
+    for path in (p for p in STATIC_DIR.iterdir() if p.suffix in (".html", ".js", ".css")):
         assert not re.search(r"""(src|href|url)\(?=?["']?(https?:)?//""", path.read_text()), path
