@@ -118,6 +118,13 @@ CONFIGS: tuple[ConfigSpec, ...] = (
         cell_budget_s=8.0,
         slice_s=None,
     ),
+    ConfigSpec(
+        "fastfused",
+        torch.float16,
+        EngineOptions(sdpa=True, channels_last=True, tf32=True, compile=True, fuse_qkv=True),
+        cell_budget_s=8.0,
+        slice_s=None,
+    ),
 )
 
 

@@ -60,7 +60,9 @@ class EngineOptions:
     sdpa: bool = True  # PyTorch scaled-dot-product attention (else diffusers' classic kernel)
     channels_last: bool = False  # NHWC memory format for the UNet and VAE convolutions
     tf32: bool = True  # TF32 matmuls/convs on Ampere+ (no effect on the CPU)
-    compile: bool = False  # torch.compile the UNet and the VAE decoder
+    compile: bool = False  # torch.compile the UNet and the VAE encoder and decoder
+    fuse_qkv: bool = False  # one matmul for attention's q, k and v projections
+    cudnn_benchmark: bool = True  # let cuDNN time its conv kernels once per shape (CUDA only)
     # With `compile`, UNet batches are padded up to one of these sizes so a few graphs
     # serve every batch instead of one compile per size.
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -148,12 +150,17 @@ class MagicMixEngine:
         if self.options.channels_last:
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
+        if self.options.fuse_qkv:
+            unet.fuse_qkv_projections()
+            vae.fuse_qkv_projections()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.options.tf32
             torch.backends.cudnn.allow_tf32 = self.options.tf32
+            torch.backends.cudnn.benchmark = self.options.cudnn_benchmark
         if self.options.compile:
             unet.forward = torch.compile(unet.forward, fullgraph=True, dynamic=False)
             vae.decoder.forward = torch.compile(vae.decoder.forward, dynamic=False)
+            vae.encoder.forward = torch.compile(vae.encoder.forward, dynamic=False)
 
     def describe(self) -> dict[str, str]:
         """What `system_details` reports about the loaded model."""

@@ -1,0 +1,42 @@
+"""Where a batch-8 768px MagicMix call spends its time on the GPU (fp16, SDPA, no compile)."""
+
+import time
+
+import torch
+
+from magicmix.engine import EngineOptions, MagicMixEngine
+from magicmix.loading import Components
+from magicmix.mix_request import MixRequest
+from magicmix.model_builder import _sd15_modules, _sd_scheduler, build_clip_tokenizer
+from PIL import Image
+
+dev = torch.device("cuda")
+unet, vae, te = _sd15_modules()
+for m in (unet, vae, te):
+    m.to(dev, torch.float16).eval()
+eng = MagicMixEngine(Components(vae, te, build_clip_tokenizer(), unet, _sd_scheduler()),
+                     device=dev, dtype=torch.float16, options=EngineOptions(channels_last=True))
+img = Image.new("RGB", (768, 768), (120, 80, 40))
+
+
+def timed(label, fn, n=3):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    print(f"{label}: {(time.perf_counter() - t) / n * 1000:.1f} ms")
+
+
+for b in (1, 8):
+    reqs = [MixRequest(image=img, prompt=f"p{i}", seed=i) for i in range(b)]
+    with torch.inference_mode():
+        z = eng._encode_images(reqs)
+        txt = eng._encode_text(reqs)
+        g = eng._per_sample([7.5] * b)
+        timed(f"b{b} total mix", lambda: eng.mix(reqs, progress=False))
+        timed(f"b{b} vae encode", lambda: eng._encode_images(reqs))
+        timed(f"b{b} unet x10", lambda: [eng._guided_noise(z, torch.tensor(500), txt, g) for _ in range(10)])
+        timed(f"b{b} vae decode+pil", lambda: eng._decode(z))
+        timed(f"b{b} vae decode only", lambda: vae.decode(z / 0.18215).sample)
