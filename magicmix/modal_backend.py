@@ -450,6 +450,10 @@ def engine_on_gpu(components: Components, settings: Settings) -> MagicMixEngine:
         options=engine_options(settings),
     )
     engine.model_name = settings.model
+    if settings.compile:  # compile now, before the container takes work (no request pays)
+        engine.warmup(
+            768, 768, batch_sizes=[b for b in (1, 2, 4, 8, 16) if b <= settings.batch_size]
+        )
     return engine
 
 
