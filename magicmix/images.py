@@ -41,11 +41,14 @@ def decode_image(data: bytes, *, max_pixels: int, field: str = "image") -> Image
                     "animated images are not accepted; send a still image", field=field
                 )
             image.load()
-    except (
-        UnidentifiedImageError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL refuses absurd sizes while opening, before our own check can name them
+        raise PayloadTooLarge(
+            f"the image claims more pixels than PIL decodes safely; the limit is {max_pixels}"
+            " pixels",
+            field=field,
+        ) from err
+    except UnidentifiedImageError as err:
         raise InvalidInput(
             "the image is not a readable PNG, JPEG or WebP file", field=field
         ) from err

@@ -451,9 +451,8 @@ def engine_on_gpu(components: Components, settings: Settings) -> MagicMixEngine:
     )
     engine.model_name = settings.model
     if settings.compile:  # compile now, before the container takes work (no request pays)
-        engine.warmup(
-            768, 768, batch_sizes=[b for b in (1, 2, 4, 8, 16) if b <= settings.batch_size]
-        )
+        sizes = [b for b in engine.options.batch_buckets if b <= settings.batch_size]
+        engine.warmup(768, 768, batch_sizes=sizes)
     return engine
 
 
