@@ -225,7 +225,7 @@ def sweep_command(
 
     Combinations with kmin > kmax are skipped (and listed in the JSON).
     """
-    from magicmix.engine import MagicMixEngine
+    from magicmix.local import load_engine
     from magicmix.sources import read_image_source
 
     settings = get_settings()
@@ -247,13 +247,7 @@ def sweep_command(
         )
         for request in plan.requests(base):  # refuse a bad cell before loading the model
             validate_request(request)
-        engine = MagicMixEngine.load(
-            settings.model,
-            data_dir=settings.data_dir,
-            device=settings.device,
-            dtype=settings.dtype,
-            text_cache_size=settings.text_cache_size,
-        )
+        engine = load_engine(settings)
         for kmin_value, kmax_value in plan.skipped:
             typer.echo(f"skipped kmin={kmin_value:g} > kmax={kmax_value:g}", err=True)
         cells = run_sweep(engine, base, plan, progress=True)
