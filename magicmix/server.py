@@ -39,6 +39,7 @@ from magicmix.service import API_BASE, MagicMixService
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": why}
     for code, why in [
@@ -86,6 +87,11 @@ async def on_validation_error(request: Request, err: Exception) -> JSONResponse:
 
 async def on_http_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, StarletteHTTPException)  # nosec B101 - registered for this type
+    if err.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8)
+        why = str(err.detail)
+        return error_response(
+            422, ErrorOut(message=f"invalid input: body: {why}", errors={"body": why})
+        )
     return error_response(err.status_code, ErrorOut(message=str(err.detail)))
 
 
@@ -191,7 +197,7 @@ def create_app(service: MagicMixService, *, background_cleanup: bool = True) -> 
         return await service.submit(body, service.authenticate(body.key))
 
     @app.post(f"{editing}/fetch/{{job_id}}", tags=["magic mix"], **job_reply)  # type: ignore[arg-type]
-    async def fetch(body: KeyIn, job_id: Annotated[int, PathParam(ge=1)]) -> JobOut:
+    async def fetch(body: KeyIn, job_id: Annotated[int, PathParam(ge=1, le=MAX_JOB_ID)]) -> JobOut:
         """The current state of a job made with this key."""
         return await service.fetch(job_id, service.authenticate(body.key))
 

@@ -107,7 +107,9 @@ class MagicMixService:
     async def submit(self, body: MagicMixIn, principal: Principal) -> JobOut:
         """Validate everything up front, queue the job, wait up to the sync window."""
         data = await image_bytes_from_field(body.image, self.settings)
-        image = decode_image(data, max_pixels=self.settings.max_image_pixels)
+        image = await asyncio.to_thread(  # decoding up to 40 MP must not stall the loop
+            decode_image, data, max_pixels=self.settings.max_image_pixels
+        )
         if body.webhook:
             await asyncio.to_thread(
                 check_url,
@@ -352,7 +354,7 @@ class MagicMixService:
 
     async def update_s3(self, body: UpdateS3In, principal: Principal) -> MessageOut:
         """Prove the details work (write and delete a probe object), then store them."""
-        details = S3Details.model_validate(body.model_dump(exclude={"key"}))
+        details = S3Details.model_validate(body.model_dump(exclude={"key"}, exclude_none=True))
         if details.endpoint_url:  # the probe must not become a way to scan internal hosts
             await asyncio.to_thread(
                 check_url,
