@@ -3,19 +3,23 @@
 import time
 
 import torch
+from PIL import Image
 
 from magicmix.engine import EngineOptions, MagicMixEngine
 from magicmix.loading import Components
 from magicmix.mix_request import MixRequest
 from magicmix.model_builder import _sd15_modules, _sd_scheduler, build_clip_tokenizer
-from PIL import Image
 
 dev = torch.device("cuda")
 unet, vae, te = _sd15_modules()
 for m in (unet, vae, te):
     m.to(dev, torch.float16).eval()
-eng = MagicMixEngine(Components(vae, te, build_clip_tokenizer(), unet, _sd_scheduler()),
-                     device=dev, dtype=torch.float16, options=EngineOptions(channels_last=True))
+eng = MagicMixEngine(
+    Components(vae, te, build_clip_tokenizer(), unet, _sd_scheduler()),
+    device=dev,
+    dtype=torch.float16,
+    options=EngineOptions(channels_last=True),
+)
 img = Image.new("RGB", (768, 768), (120, 80, 40))
 
 
@@ -29,14 +33,19 @@ def timed(label, fn, n=3):
     print(f"{label}: {(time.perf_counter() - t) / n * 1000:.1f} ms")
 
 
-for b in (1, 8):
-    reqs = [MixRequest(image=img, prompt=f"p{i}", seed=i) for i in range(b)]
+def breakdown(batch: int) -> None:
+    reqs = [MixRequest(image=img, prompt=f"p{i}", seed=i) for i in range(batch)]
     with torch.inference_mode():
         z = eng._encode_images(reqs)
         txt = eng._encode_text(reqs)
-        g = eng._per_sample([7.5] * b)
-        timed(f"b{b} total mix", lambda: eng.mix(reqs, progress=False))
-        timed(f"b{b} vae encode", lambda: eng._encode_images(reqs))
-        timed(f"b{b} unet x10", lambda: [eng._guided_noise(z, torch.tensor(500), txt, g) for _ in range(10)])
-        timed(f"b{b} vae decode+pil", lambda: eng._decode(z))
-        timed(f"b{b} vae decode only", lambda: vae.decode(z / 0.18215).sample)
+        g = eng._per_sample([7.5] * batch)
+        t = torch.tensor(500)
+        timed(f"b{batch} total mix", lambda: eng.mix(reqs, progress=False))
+        timed(f"b{batch} vae encode", lambda: eng._encode_images(reqs))
+        timed(f"b{batch} unet x10", lambda: [eng._guided_noise(z, t, txt, g) for _ in range(10)])
+        timed(f"b{batch} vae decode+pil", lambda: eng._decode(z))
+        timed(f"b{batch} vae decode only", lambda: vae.decode(z / 0.18215).sample)
+
+
+for size in (1, 8):
+    breakdown(size)
