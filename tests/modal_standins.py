@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from magicmix.modal_backend import DictJobStore, ModalState
+from magicmix.modal_state import DictJobStore, ModalState
 
 _NO_DEFAULT = object()
 

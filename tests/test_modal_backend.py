@@ -34,14 +34,8 @@ from magicmix.errors import Unauthorized
 from magicmix.jobs import JobResult, JobStatus
 from magicmix.keys import KeyStore, SqliteKeyStore, static_principals
 from magicmix.loading import HUB_ALLOW_PATTERNS
-from magicmix.modal_backend import (
-    DictKeyStore,
-    GpuCall,
-    ModalState,
-    build_modal_service,
-    deliver_webhooks,
-    run_batch,
-)
+from magicmix.modal_backend import GpuCall, build_modal_service, deliver_webhooks, run_batch
+from magicmix.modal_state import DictKeyStore, ModalState
 from magicmix.server import create_app
 from magicmix.service import API_BASE, MagicMixService
 from tests.conftest import make_layout_image
