@@ -66,6 +66,7 @@ service_secrets = [
 with image.imports():
     from magicmix import modal_backend as backend
     from magicmix.config import Settings
+    from magicmix.modal_state import ModalState
     from magicmix.server import create_app
 
 
@@ -73,7 +74,7 @@ def service() -> MagicMixService:
     """The same service in every container; the web URL is the default public URL."""
     return backend.build_modal_service(
         backend.modal_settings(web.get_web_url()),
-        backend.ModalState(**dicts),
+        ModalState(**dicts),
         backend.ModalLauncher(MagicMix().run),
         gpu=GPU,
     )
