@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = False
     channels_last: bool = True
+    batch_invariant: bool = False  # bit-identical results whatever shares the batch (slower)
     text_cache_size: int = Field(256, ge=0)
 
     # --- jobs and worker ---

@@ -63,6 +63,10 @@ class EngineOptions:
     compile: bool = False  # torch.compile the UNet and the VAE encoder and decoder
     fuse_qkv: bool = False  # one matmul for attention's q, k and v projections
     cudnn_benchmark: bool = True  # let cuDNN time its conv kernels once per shape (CUDA only)
+    # Run each request's UNet, VAE and text encoder calls at batch size 1 inside a batch, so
+    # a result is bit-identical to running that request alone (kernels pick different
+    # algorithms per batch size; the difference is ~1/255). Costs most of batching's gain.
+    batch_invariant: bool = False
     # With `compile`, UNet batches are padded up to one of these sizes so a few graphs
     # serve every batch instead of one compile per size.
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -271,6 +275,21 @@ class MagicMixEngine:
         """Classifier-free guidance with uncond and cond in one batched UNet call."""
         self.unet_calls += 1
         size = latents.shape[0]
+        if self.options.batch_invariant and size > 1:  # text is [uncond..., cond...]
+            return torch.cat(
+                [
+                    self._guided_noise_batch(
+                        latents[i : i + 1], t, text[[i, size + i]], guidance[i : i + 1]
+                    )
+                    for i in range(size)
+                ]
+            )
+        return self._guided_noise_batch(latents, t, text, guidance)
+
+    def _guided_noise_batch(
+        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, guidance: torch.Tensor
+    ) -> torch.Tensor:
+        size = latents.shape[0]
         padded = self._bucket(size)
         if padded > size:  # repeat the last sample so a compiled graph of this size is reused
             latents = torch.cat([latents, latents[-1:].expand(padded - size, -1, -1, -1)])
@@ -319,7 +338,7 @@ class MagicMixEngine:
         batch = batch.to(device=self.device, dtype=self.dtype)
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        latents = vae.encode(batch).latent_dist.mean
+        latents = torch.cat([vae.encode(part).latent_dist.mean for part in self._pieces(batch)])
         if not torch.isfinite(latents).all():  # fp16 overflow: redo this batch in fp32
             latents = self._fp32_vae().encode(batch.float()).latent_dist.mean.to(self.dtype)
         return latents * vae.config.scaling_factor
@@ -337,7 +356,8 @@ class MagicMixEngine:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
-            embeddings = self.components.text_encoder(ids)[0].to(self.dtype)
+            encoder = self.components.text_encoder
+            embeddings = torch.cat([encoder(part)[0] for part in self._pieces(ids)]).to(self.dtype)
             for text, embedding in zip(missing, embeddings, strict=True):
                 self._text_cache[text] = embedding
         stacked = torch.stack([self._text_cache[t] for t in texts])
@@ -350,12 +370,16 @@ class MagicMixEngine:
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.components.vae
         scaled = latents / vae.config.scaling_factor
-        decoded = vae.decode(scaled).sample
+        decoded = torch.cat([vae.decode(part).sample for part in self._pieces(scaled)])
         if not torch.isfinite(decoded).all():  # fp16 overflow: redo this batch in fp32
             decoded = self._fp32_vae().decode(scaled.float()).sample
         pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         array = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in array]
+
+    def _pieces(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch as one piece, or one piece per sample when batch invariance is asked."""
+        return batch.split(1) if self.options.batch_invariant else (batch,)
 
     def _fp32_vae(self) -> AutoencoderKL:
         """A float32 copy of the VAE, made only the first time half precision overflows."""

@@ -31,7 +31,11 @@ def load_engine(settings: Settings) -> MagicMixEngine:
 
 def engine_options(settings: Settings) -> EngineOptions:
     """The fast-path switches that `MAGICMIX_*` controls."""
-    return EngineOptions(compile=settings.compile, channels_last=settings.channels_last)
+    return EngineOptions(
+        compile=settings.compile,
+        channels_last=settings.channels_last,
+        batch_invariant=settings.batch_invariant,
+    )
 
 
 def open_key_store(settings: Settings) -> SqliteKeyStore:

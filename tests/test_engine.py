@@ -170,6 +170,33 @@ def test_batched_results_match_running_alone(engine: MagicMixEngine) -> None:
         assert (a - b).abs().max().item() <= 2
 
 
+def test_batch_invariant_mode_is_bit_identical_to_running_alone(tiny_model_dir) -> None:
+    """The option trades batching's speed for results independent of batch company."""
+    from magicmix.engine import EngineOptions
+
+    engine = MagicMixEngine.load(
+        str(tiny_model_dir),
+        data_dir=tiny_model_dir.parent,
+        device="cpu",
+        options=EngineOptions(batch_invariant=True),
+    )
+    requests = [
+        MixRequest(
+            image=make_layout_image(seed=s),
+            prompt=p,
+            negative_prompt=n,
+            width=128,
+            height=128,
+            seed=s,
+        )
+        for p, n, s in [("Bed", "", 1), ("cat", "blur", 5), ("dog", "", 9)]
+    ]
+    batched = [png_bytes(r.image) for r in engine.mix(requests, progress=False)]
+    engine.clear_cache()
+    alone = [png_bytes(engine.mix([r], progress=False)[0].image) for r in requests]
+    assert batched == alone
+
+
 def test_rgba_and_greyscale_inputs_work(engine: MagicMixEngine) -> None:
     for mode in ("RGBA", "L", "CMYK"):
         image = make_layout_image().convert(mode)
