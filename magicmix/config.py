@@ -14,8 +14,6 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-HUB_DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
 
 class Settings(BaseSettings):
     """Service settings; the first block is the contract's, the rest are our own knobs."""
@@ -97,13 +95,17 @@ class Settings(BaseSettings):
         path = self.data_dir / "secret.key"
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            # written aside then linked into place, so no process ever reads a half-written key
+            partial = path.with_name(f".secret.key.{os.getpid()}")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(32))
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.link(partial, path)
             except FileExistsError:  # another process won the race; use its key
                 pass
-            else:
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(secrets.token_urlsafe(32))
+            finally:
+                partial.unlink()
         return path.read_text().strip().encode()
 
 

@@ -1,4 +1,7 @@
-"""Encryption at rest for small secrets (users' S3 credentials), keyed by the service secret."""
+"""Encryption at rest for small secrets (S3 credentials, webhook secrets).
+
+Keyed by the service secret (`MAGICMIX_SECRET_KEY`).
+"""
 
 from __future__ import annotations
 

@@ -68,9 +68,3 @@ class StorageError(MagicMixError):
     """An output store or a user's bucket refused or failed."""
 
     status_code = 502
-
-
-class EngineError(MagicMixError):
-    """The model failed to produce an image."""
-
-    status_code = 500

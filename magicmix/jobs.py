@@ -1,8 +1,10 @@
 """Jobs: their states, their records, and the SQLite job store behind the local service.
 
-Every state change happens in this module, in one transaction each, so a crash at any
-point leaves a job either where it was or where it was going, never lost:
-queued -> processing -> success | failed, queued -> cancelled, success -> expired.
+Every state change of a local job happens in this module (the Modal store, with the same
+interface, is `modal_state.py`), in one transaction each, so a crash at any point leaves a
+job where it was or where it was going, never lost: queued -> processing -> success |
+failed, queued | processing -> failed, processing -> queued (restart), queued -> cancelled,
+success -> expired.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class JobStore(Protocol):
     def finish(self, job_id: int, result: JobResult) -> JobRecord: ...
     def fail(self, job_id: int, message: str) -> JobRecord: ...
     def set_webhook_state(self, job_id: int, state: str, attempts: int) -> None: ...
-    def cancel_queued(self) -> int: ...
+    def cancel_queued(self) -> list[int]: ...
     def queue_length(self) -> int: ...
     def expire_service_outputs(self, finished_before: float) -> list[int]: ...
 
@@ -272,14 +274,21 @@ class SqliteJobStore:
             )
         return cursor.rowcount
 
-    def cancel_queued(self) -> int:
+    def cancel_queued(self) -> list[int]:
+        """Cancel every queued job; returns their ids (their webhooks are owed)."""
         with self._db.transaction() as connection:
-            cursor = connection.execute(
+            ids = [
+                row[0]
+                for row in connection.execute(
+                    "SELECT id FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)
+                )
+            ]
+            connection.executemany(
                 "UPDATE jobs SET status = ?, image = NULL, finished_at = ?,"
-                " error = 'cancelled by clear_queue' WHERE status = ?",
-                (JobStatus.CANCELLED.value, time.time(), JobStatus.QUEUED.value),
+                " error = 'cancelled by clear_queue' WHERE id = ?",
+                [(JobStatus.CANCELLED.value, time.time(), job_id) for job_id in ids],
             )
-        return cursor.rowcount
+        return ids
 
     def queue_length(self) -> int:
         row = (

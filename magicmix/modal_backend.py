@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ from huggingface_hub import snapshot_download
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.engine import MagicMixEngine
-from magicmix.jobs import JobRecord, JobStore
+from magicmix.jobs import JobRecord, JobStatus, JobStore
 from magicmix.loading import HUB_ALLOW_PATTERNS, Components, load_components, resolve_dtype
 from magicmix.local import engine_options
 from magicmix.modal_state import DictJobStore, DictKeyStore, ModalState
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 # A job still queued or processing this long after creation was lost (web container gone
 # before the spawn, GPU container killed past Modal's retries): the cleanup fails it.
 STALE_AFTER_S = 3600.0
+MAX_TRACKED_LAUNCHES = 4096
 # -- the worker seam, web side ------------------------------------------------------------
 
 
@@ -96,7 +98,8 @@ class ModalWorker:
         self._launcher = launcher
         self._engine = engine
         self._poll_s = poll_s
-        self._launches: dict[int, asyncio.Task[GpuCall | None]] = {}
+        # recent spawns by job id; bounded, since a job nobody waits on is never popped
+        self._launches: OrderedDict[int, asyncio.Task[GpuCall | None]] = OrderedDict()
         self.on_finished: Callable[[list[JobRecord]], None] = lambda records: None
 
     def start(self) -> None:
@@ -108,13 +111,16 @@ class ModalWorker:
     def submit(self, job: JobRecord) -> None:
         """Spawn in the background, so the request does not wait on Modal's API."""
         self._launches[job.id] = asyncio.ensure_future(self._launch(job.id))
+        while len(self._launches) > MAX_TRACKED_LAUNCHES:
+            self._launches.popitem(last=False)
 
     async def wait(self, job_id: int, timeout: float) -> None:
-        launch = self._launches.pop(job_id, None)
-        if launch is None:  # not spawned here (or already awaited): poll the store
+        launch = self._launches.get(job_id)
+        if launch is None:  # not spawned here: poll the store
             await asyncio.sleep(min(timeout, self._poll_s))
             return
-        call = await launch
+        # shield: a caller's timeout must not cancel the spawn itself
+        call = await asyncio.shield(launch)
         if call is None:
             return
         try:
@@ -244,8 +250,11 @@ def run_batch(
     Returns each job's status in input order (a batched Modal method answers every input).
     Cancelled or already finished jobs (a retried input) are skipped.
     """
-    todo = [job for i in job_ids if (job := service.jobs.get(i)) and not job.status.is_terminal]
-    service.jobs.mark_processing([job.id for job in todo])
+    service.jobs.mark_processing(job_ids)
+    # re-read: a job cancelled before the mark stays cancelled; a retried one is processing
+    todo = [
+        job for i in job_ids if (job := service.jobs.get(i)) and job.status is JobStatus.PROCESSING
+    ]
     runner = JobRunner(
         settings=service.settings,
         jobs=service.jobs,

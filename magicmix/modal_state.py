@@ -124,13 +124,13 @@ class DictJobStore:
         job = self._load(job_id)
         self._save(job.model_copy(update={"webhook_state": state, "webhook_attempts": attempts}))
 
-    def cancel_queued(self) -> int:
-        cancelled = 0
+    def cancel_queued(self) -> list[int]:
+        cancelled = []
         for job_id, _ in list(self._active.items()):
             job = self.get(job_id)
             if job is not None and job.status is JobStatus.QUEUED:
                 self._end(job_id, JobStatus.CANCELLED, error="cancelled by clear_queue")
-                cancelled += 1
+                cancelled.append(job_id)
         return cancelled
 
     def queue_length(self) -> int:
@@ -233,5 +233,3 @@ class DictKeyStore:
         """Read every entry, so S3 details of a key unused for a week do not lapse."""
         for key_id, _ in list(self._s3.items()):
             self._s3.get(key_id)
-
-

@@ -20,7 +20,7 @@ from magicmix.jobs import JobRecord, JobResult, JobStore
 from magicmix.keys import KeyStore
 from magicmix.mix_request import MixRequest
 from magicmix.storage import OutputStore
-from magicmix.user_s3 import S3Details, UserBucket
+from magicmix.user_s3 import S3Details, UserBucket, check_s3_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ class JobRunner:
         blob = self.keys.get_s3(job.key_id)
         if blob:
             try:
-                uploaded = UserBucket(S3Details.from_encrypted(self.box, blob)).upload(name, data)
+                details = S3Details.from_encrypted(self.box, blob)
+                check_s3_endpoint(details, self.settings)
+                uploaded = UserBucket(details).upload(name, data)
             except MagicMixError as err:
                 hours = f"{self.settings.retention_hours:g}"
                 note = (

@@ -60,7 +60,16 @@ class MagicMixIn(KeyIn):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random")
     guidance_scale: float = Field(7.5, ge=0, le=30, description="Classifier-free guidance")
     webhook: str | None = Field(None, max_length=2048, description="POSTed the final reply")
-    track_id: str | int | None = Field(None, description="Echoed in the webhook body")
+    track_id: str | int | None = Field(
+        None, union_mode="left_to_right", description="Echoed in the webhook body"
+    )
+
+    @field_validator("track_id")
+    @classmethod
+    def _short_track_id(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, str) and len(value) > 256:
+            raise ValueError("track_id must be at most 256 characters")
+        return value
 
     @field_validator("width", "height")
     @classmethod

@@ -87,6 +87,8 @@ async def on_validation_error(request: Request, err: Exception) -> JSONResponse:
 
 async def on_http_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, StarletteHTTPException)  # nosec B101 - registered for this type
+    if isinstance(err.__cause__ or err.__context__, PayloadTooLarge):  # a chunked body
+        return await on_magicmix_error(request, err.__cause__ or err.__context__)  # type: ignore[arg-type]
     if err.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8)
         why = str(err.detail)
         return error_response(

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from magicmix import __version__, webhooks
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.errors import Forbidden, Gone, NotFound, StorageError
+from magicmix.errors import Busy, Forbidden, Gone, MagicMixError, NotFound, StorageError
 from magicmix.images import decode_image
 from magicmix.jobs import JobParams, JobRecord, JobStatus, JobStore
 from magicmix.keys import KeyStore, Principal
@@ -37,7 +37,7 @@ from magicmix.schemas import (
 )
 from magicmix.sources import image_bytes_from_field
 from magicmix.storage import OutputStore
-from magicmix.user_s3 import S3Details, UserBucket
+from magicmix.user_s3 import S3Details, UserBucket, check_s3_endpoint
 
 log = logging.getLogger(__name__)
 API_BASE = "/api/v1/enterprise"
@@ -106,6 +106,8 @@ class MagicMixService:
 
     async def submit(self, body: MagicMixIn, principal: Principal) -> JobOut:
         """Validate everything up front, queue the job, wait up to the sync window."""
+        if self.jobs.queue_length() >= self.settings.max_queue:  # shed load before any fetch
+            raise Busy("the queue is full; retry shortly", retry_after=10)
         data = await image_bytes_from_field(body.image, self.settings)
         image = await asyncio.to_thread(  # decoding up to 40 MP must not stall the loop
             decode_image, data, max_pixels=self.settings.max_image_pixels
@@ -119,7 +121,7 @@ class MagicMixService:
             )
         params = JobParams(
             prompt=body.prompt,
-            negative_prompt=body.negative_prompt or "",
+            negative_prompt=body.negative_prompt,
             width=body.width,
             height=body.height,
             kmin=body.kmin,
@@ -298,10 +300,16 @@ class MagicMixService:
         except Gone as err:
             payload = FailedOut(id=job.id, message=err.message).model_dump(mode="json")
         payload["track_id"] = job.params.track_id
+        try:
+            secret = self.keys.webhook_secret(job.key_id)
+        except MagicMixError as err:  # e.g. the key was removed since the job was made
+            log.warning("job %s webhook not sent: %s", job.id, err.message)
+            self.jobs.set_webhook_state(job.id, "failed", 0)
+            return
         outcome = await webhooks.deliver_webhook(
             job.params.webhook,
             payload,
-            secret=self.keys.webhook_secret(job.key_id),
+            secret=secret,
             msg_id=f"magicmix-job-{job.id}",
             settings=self.settings,
         )
@@ -335,7 +343,10 @@ class MagicMixService:
             return {"error": err.message}
 
     def clear_queue(self) -> MessageOut:
-        return MessageOut(message=f"cancelled {self.jobs.cancel_queued()} queued jobs")
+        """Cancel queued jobs; their waiters wake and their webhooks get the final reply."""
+        cancelled = [job for i in self.jobs.cancel_queued() if (job := self.jobs.get(i))]
+        self.jobs_finished(cancelled)
+        return MessageOut(message=f"cancelled {len(cancelled)} queued jobs")
 
     def clear_cache(self) -> MessageOut:
         return MessageOut(message=self.worker.clear_cache())
@@ -355,13 +366,8 @@ class MagicMixService:
     async def update_s3(self, body: UpdateS3In, principal: Principal) -> MessageOut:
         """Prove the details work (write and delete a probe object), then store them."""
         details = S3Details.model_validate(body.model_dump(exclude={"key"}, exclude_none=True))
-        if details.endpoint_url:  # the probe must not become a way to scan internal hosts
-            await asyncio.to_thread(
-                check_url,
-                details.endpoint_url,
-                allow_private=self.settings.allow_private_urls,
-                field="endpoint_url",
-            )
+        # the probe must not become a way to scan internal hosts: check where boto3 connects
+        await asyncio.to_thread(check_s3_endpoint, details, self.settings)
         await asyncio.to_thread(UserBucket(details).probe)
         self.keys.set_s3(principal.key_id, details.to_encrypted(self.box))
         log.info("key %s saved S3 details for bucket %s", principal.key_id, details.bucket)

@@ -28,7 +28,9 @@ from pydantic import (
 )
 
 from magicmix import errors
+from magicmix.config import Settings
 from magicmix.crypto import SecretBox
+from magicmix.netguard import check_url
 from magicmix.storage import is_safe_name, make_s3_client, s3_error_code
 
 if TYPE_CHECKING:
@@ -322,3 +324,12 @@ class UserBucket:
             where = details.endpoint_url or f"AWS S3 in {details.region_name}"
             return "endpoint_url", f"cannot reach endpoint_url {where} ({code})"
         return None, f"S3 refused the request ({code}): check endpoint_url and bucket"
+
+
+def check_s3_endpoint(details: S3Details, settings: Settings) -> None:
+    """SSRF guard on the address boto3 will connect to (AWS's default endpoint is public).
+
+    Run before the probe and before every upload, since DNS can change in between.
+    """
+    if details.api_url:
+        check_url(details.api_url, allow_private=settings.allow_private_urls, field="endpoint_url")

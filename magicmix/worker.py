@@ -40,6 +40,7 @@ class LocalWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._clear = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self.engine: MagicMixEngine | None = None
@@ -73,8 +74,9 @@ class LocalWorker:
         return self.engine.describe()
 
     def clear_cache(self) -> str:
-        dropped = self.engine.clear_cache() if self.engine is not None else 0
-        return f"dropped {dropped} cached text embeddings"
+        self._clear.set()  # done by the worker thread between batches: no race with a mix
+        self._wake.set()
+        return "cached text embeddings will be dropped before the next batch"
 
     def reload(self) -> str:
         self._reload.set()
@@ -82,7 +84,7 @@ class LocalWorker:
         return "the model will be reloaded before the next batch"
 
     def wait_ready(self, timeout: float) -> bool:
-        """Block until the engine is loaded (used by `serve` and tests)."""
+        """Block until the engine is loaded (tests and benchmarks wait on it)."""
         return self._ready.wait(timeout)
 
     # -- the thread -------------------------------------------------------------------
@@ -97,6 +99,9 @@ class LocalWorker:
             if self._reload.is_set():
                 self._reload.clear()
                 self._try_load()  # on failure the previous engine keeps serving
+            if self._clear.is_set() and self.engine is not None:
+                self._clear.clear()
+                log.info("dropped %d cached text embeddings", self.engine.clear_cache())
             if submitted and self._batch_wait_s and not self._stop.is_set():
                 time.sleep(self._batch_wait_s)  # let requests arriving together batch up
             try:

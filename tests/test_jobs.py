@@ -110,7 +110,7 @@ def test_cancel_queued_leaves_other_states_alone(job_store: JobStore) -> None:
     queued, running, done = create(job_store), create(job_store), create(job_store)
     job_store.mark_processing([running.id])
     job_store.finish(done.id, result())
-    assert job_store.cancel_queued() == 1
+    assert job_store.cancel_queued() == [queued.id]
     assert job_store.get(queued.id).status is JobStatus.CANCELLED  # type: ignore[union-attr]
     assert job_store.get(running.id).status is JobStatus.PROCESSING  # type: ignore[union-attr]
     assert job_store.get(done.id).status is JobStatus.SUCCESS  # type: ignore[union-attr]

@@ -211,6 +211,22 @@ def test_request_body_over_the_limit_is_413(tmp_path: Path, tiny_model_dir: Path
         assert reply.status_code == 413 and reply.json()["status"] == "error"
 
 
+def test_chunked_body_over_the_limit_is_413(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """No Content-Length to trust: the limit is enforced while the body streams in."""
+    with serve(service_settings(tmp_path, tiny_model_dir, max_body_bytes=4096)) as app:
+
+        def chunks():  # type: ignore[no-untyped-def]
+            yield b'{"key": "' + b"A" * 3000
+            yield b"A" * 3000 + b'"}'
+
+        reply = app.http.post(
+            app.base_url + f"{API}/image_editing/system_details",
+            content=chunks(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert reply.status_code == 413 and reply.json()["status"] == "error", reply.text
+
+
 def test_private_url_is_refused_when_not_allowed(
     tmp_path: Path, tiny_model_dir: Path, image_host: LoopbackServer
 ) -> None:
