@@ -209,31 +209,31 @@ def create_app(service: MagicMixService, *, background_cleanup: bool = True) -> 
         response_model=SystemDetailsOut,
         responses=ERROR_RESPONSES,
     )
-    async def system_details(body: KeyIn) -> SystemDetailsOut:
+    def system_details(body: KeyIn) -> SystemDetailsOut:
         """Model, device, dtype, queue length, version, and this key's webhook secret."""
         return service.system_details(service.authenticate(body.key))
 
     @app.post(f"{editing}/clear_queue", tags=["system"], **message_reply)  # type: ignore[arg-type]
-    async def clear_queue(body: KeyIn) -> MessageOut:
+    def clear_queue(body: KeyIn) -> MessageOut:
         """Cancel every queued job (admin key)."""
         service.authenticate(body.key, admin=True)
         return service.clear_queue()
 
     @app.post(f"{editing}/clear_cache", tags=["system"], **message_reply)  # type: ignore[arg-type]
-    async def clear_cache(body: KeyIn) -> MessageOut:
+    def clear_cache(body: KeyIn) -> MessageOut:
         """Drop cached text embeddings and free GPU memory (admin key)."""
         service.authenticate(body.key, admin=True)
         return service.clear_cache()
 
     @app.post(f"{editing}/restart_server", tags=["system"], **message_reply)  # type: ignore[arg-type]
-    async def restart_server(body: KeyIn) -> MessageOut:
+    def restart_server(body: KeyIn) -> MessageOut:
         """Reload the model before the next batch (admin key)."""
         service.authenticate(body.key, admin=True)
         return service.restart_server()
 
     @app.post(f"{editing}/update_server", tags=["system"], **message_reply)  # type: ignore[arg-type]
     @app.post(f"{editing}/update", tags=["system"], **message_reply)  # type: ignore[arg-type]
-    async def update_server(body: KeyIn) -> JSONResponse:
+    def update_server(body: KeyIn) -> JSONResponse:
         """Explains that updating is done by redeploying (admin key)."""
         service.authenticate(body.key, admin=True)
         return JSONResponse(service.update_server().model_dump(), status_code=501)
@@ -245,7 +245,7 @@ def create_app(service: MagicMixService, *, background_cleanup: bool = True) -> 
         return await service.update_s3(body, service.authenticate(body.key))
 
     @app.post(f"{API_BASE}/reset_s3", tags=["s3"], **message_reply)  # type: ignore[arg-type]
-    async def reset_s3(body: ResetS3In) -> MessageOut:
+    def reset_s3(body: ResetS3In) -> MessageOut:
         """Forget this key's S3 details."""
         return service.reset_s3(service.authenticate(body.key))
 

@@ -106,7 +106,9 @@ class MagicMixService:
 
     async def submit(self, body: MagicMixIn, principal: Principal) -> JobOut:
         """Validate everything up front, queue the job, wait up to the sync window."""
-        if self.jobs.queue_length() >= self.settings.max_queue:  # shed load before any fetch
+        # shed load before any fetch; store calls run off the event loop (on Modal they are
+        # network round trips, locally a write may wait on SQLite's busy timeout)
+        if await asyncio.to_thread(self.jobs.queue_length) >= self.settings.max_queue:
             raise Busy("the queue is full; retry shortly", retry_after=10)
         data = await image_bytes_from_field(body.image, self.settings)
         image = await asyncio.to_thread(  # decoding up to 40 MP must not stall the loop
@@ -153,7 +155,8 @@ class MagicMixService:
                 ),
             )
         )
-        job = self.jobs.create(
+        job = await asyncio.to_thread(
+            self.jobs.create,
             principal.key_id,
             params,
             data,
@@ -169,13 +172,14 @@ class MagicMixService:
             params.steps,
         )
         self.worker.submit(job)
-        return self.reply(await self.wait(job.id, self.settings.sync_wait_s))
+        job = await self.wait(job.id, self.settings.sync_wait_s)
+        return await asyncio.to_thread(self.reply, job)
 
     async def fetch(self, job_id: int, principal: Principal) -> JobOut:
-        job = self.jobs.get(job_id)
+        job = await asyncio.to_thread(self.jobs.get, job_id)
         if job is None or job.key_id != principal.key_id:
             raise NotFound(f"no job with id {job_id} for this key")
-        return self.reply(job)
+        return await asyncio.to_thread(self.reply, job)
 
     async def wait(self, job_id: int, timeout: float) -> JobRecord:
         """The job once terminal, or as it stands after `timeout` seconds."""
@@ -183,7 +187,7 @@ class MagicMixService:
         future: asyncio.Future[None] = self._loop.create_future()
         self._waiters.setdefault(job_id, []).append(future)
         try:
-            job = self._get(job_id)
+            job = await asyncio.to_thread(self._get, job_id)
             deadline = time.monotonic() + timeout
             while not job.status.is_terminal and (left := deadline - time.monotonic()) > 0:
                 poll = asyncio.ensure_future(self.worker.wait(job_id, left))
@@ -191,7 +195,7 @@ class MagicMixService:
                     {future, poll}, timeout=left, return_when=asyncio.FIRST_COMPLETED
                 )
                 poll.cancel()
-                job = self._get(job_id)
+                job = await asyncio.to_thread(self._get, job_id)
             return job
         finally:
             self._waiters[job_id].remove(future)
