@@ -171,9 +171,14 @@ def print_quickstart(key: str, settings: Settings) -> None:
 @app.command()
 def cleanup() -> None:
     """Delete service-store outputs older than MAGICMIX_RETENTION_HOURS; expire their jobs."""
-    from magicmix.local import build_local_service
+    from magicmix.db import Database
+    from magicmix.jobs import SqliteJobStore
+    from magicmix.service import expire_outputs
+    from magicmix.storage import open_store
 
-    removed, expired = build_local_service(get_settings()).cleanup()
+    settings = get_settings()
+    jobs = SqliteJobStore(Database(settings.database_path))
+    removed, expired = expire_outputs(jobs, open_store(settings), settings.retention_hours)
     for name in removed:
         typer.echo(f"removed {name}")
     typer.echo(f"removed {len(removed)} outputs, expired {len(expired)} jobs", err=True)

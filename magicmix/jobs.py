@@ -16,10 +16,14 @@ import time
 from enum import StrEnum
 from typing import Literal, Protocol
 
+from PIL import Image
 from pydantic import BaseModel
 
 from magicmix.db import Database
 from magicmix.errors import Busy
+from magicmix.mix_request import MixRequest
+
+_NO_IMAGE = Image.new("RGB", (1, 1))  # stands in where only the schedule matters
 
 
 class JobStatus(StrEnum):
@@ -52,10 +56,16 @@ class JobParams(BaseModel):
     webhook: str | None = None
     track_id: str | int | None = None
 
+    def mix_request(self, image: Image.Image | None = None) -> MixRequest:
+        """The engine's view of this job (`image` may be left out to compare schedules)."""
+        return MixRequest(
+            image=image or _NO_IMAGE,
+            **self.model_dump(include=set(MixRequest.__dataclass_fields__) - {"image"}),
+        )
+
     def batch_key(self) -> tuple[int, int, int, int, int]:
-        """Same as `engine.MixRequest.batch_key`: jobs with equal keys share UNet batches."""
-        run = int(self.kmax * self.steps)
-        return (self.width, self.height, self.steps, run, run - int(self.kmin * self.steps))
+        """Jobs with equal keys share every timestep, so they can share UNet batches."""
+        return self.mix_request().batch_key()
 
 
 class JobResult(BaseModel):

@@ -26,20 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def to_mix_request(job: JobRecord, image_bytes: bytes, settings: Settings) -> MixRequest:
-    p = job.params
-    return MixRequest(
-        image=decode_image(image_bytes, max_pixels=settings.max_image_pixels),
-        prompt=p.prompt,
-        negative_prompt=p.negative_prompt,
-        width=p.width,
-        height=p.height,
-        kmin=p.kmin,
-        kmax=p.kmax,
-        mix_factor=p.mix_factor,
-        steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        seed=p.seed,
-    )
+    return job.params.mix_request(decode_image(image_bytes, max_pixels=settings.max_image_pixels))
 
 
 class JobRunner:

@@ -22,7 +22,7 @@ from magicmix.errors import Busy, Forbidden, Gone, MagicMixError, NotFound, Stor
 from magicmix.images import decode_image
 from magicmix.jobs import JobParams, JobRecord, JobStatus, JobStore
 from magicmix.keys import KeyStore, Principal
-from magicmix.mix_request import MixRequest, random_seed, validate_request
+from magicmix.mix_request import random_seed, validate_request
 from magicmix.netguard import check_url
 from magicmix.schemas import (
     FailedOut,
@@ -136,25 +136,7 @@ class MagicMixService:
             webhook=body.webhook,
             track_id=body.track_id,
         )
-        validate_request(
-            MixRequest(
-                image=image,
-                **params.model_dump(
-                    include={
-                        "prompt",
-                        "negative_prompt",
-                        "width",
-                        "height",
-                        "kmin",
-                        "kmax",
-                        "mix_factor",
-                        "steps",
-                        "guidance_scale",
-                        "seed",
-                    }
-                ),
-            )
-        )
+        validate_request(params.mix_request(image))
         job = await asyncio.to_thread(
             self.jobs.create,
             principal.key_id,
@@ -394,12 +376,7 @@ class MagicMixService:
 
     def cleanup(self) -> tuple[list[str], list[int]]:
         """Delete service-store outputs older than the retention; expire their jobs."""
-        cutoff = datetime.now(UTC) - timedelta(hours=self.settings.retention_hours)
-        removed = self.outputs.delete_older_than(cutoff)
-        expired = self.jobs.expire_service_outputs(cutoff.timestamp())
-        if removed or expired:
-            log.info("cleanup removed %d outputs, expired %d jobs", len(removed), len(expired))
-        return removed, expired
+        return expire_outputs(self.jobs, self.outputs, self.settings.retention_hours)
 
     async def cleanup_forever(self) -> None:
         while True:
@@ -408,6 +385,21 @@ class MagicMixService:
             except Exception:  # a failed sweep must not stop later ones
                 log.exception("periodic cleanup failed")
             await asyncio.sleep(self.settings.cleanup_interval_s)
+
+
+def expire_outputs(
+    jobs: JobStore, outputs: OutputStore, retention_hours: float
+) -> tuple[list[str], list[int]]:
+    """The 24-hour rule: outputs past retention are deleted and their jobs marked expired.
+
+    A function of the stores alone, so `magicmix cleanup` runs it without loading a model.
+    """
+    cutoff = datetime.now(UTC) - timedelta(hours=retention_hours)
+    removed = outputs.delete_older_than(cutoff)
+    expired = jobs.expire_service_outputs(cutoff.timestamp())
+    if removed or expired:
+        log.info("cleanup removed %d outputs, expired %d jobs", len(removed), len(expired))
+    return removed, expired
 
 
 def describe_image_field(value: str, size: int) -> str:

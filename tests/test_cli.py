@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,17 @@ def test_every_command_has_help(cli_env: dict[str, str]) -> None:
     ):
         run = magicmix(*command, "--help", env=cli_env)
         assert run.returncode == 0 and "Usage" in run.stdout, command
+
+
+def test_cleanup_removes_only_expired_outputs(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    outputs = tmp_path / "data" / "outputs"
+    outputs.mkdir(parents=True)
+    old, new = outputs / "1-oldtoken.png", outputs / "2-newtoken.png"
+    for path in (old, new):
+        make_layout_image(8, 8).save(path)
+    past = time.time() - 25 * 3600
+    os.utime(old, (past, past))
+    run = magicmix("cleanup", env=cli_env)
+    assert run.returncode == 0, run.stderr
+    assert "removed 1-oldtoken.png" in run.stdout and "2-newtoken" not in run.stdout
+    assert not old.exists() and new.exists()
