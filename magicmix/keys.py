@@ -73,6 +73,24 @@ def static_principals(keys: list[str], secret: bytes) -> dict[str, Principal]:
     return principals
 
 
+class StaticKeys:
+    """The operator's keys (`MAGICMIX_API_KEYS`), found by keyed hash in constant time."""
+
+    def __init__(self, keys: list[str], secret: bytes) -> None:
+        self._secret = secret
+        self._by_hash = static_principals(keys, secret)
+
+    def find(self, key: str) -> Principal | None:
+        digest = _hash(self._secret, key)
+        for known, principal in self._by_hash.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        return None
+
+    def by_id(self, key_id: str) -> Principal | None:
+        return next((p for p in self._by_hash.values() if p.key_id == key_id), None)
+
+
 class SqliteKeyStore:
     """Keys made by `magicmix keys create`, plus the operator's static keys."""
 
@@ -80,7 +98,7 @@ class SqliteKeyStore:
         self._db = db
         self._box = box
         self._secret = secret
-        self._static = static_principals(static_keys, secret)
+        self._static = StaticKeys(static_keys, secret)
 
     def create(self, *, admin: bool = False) -> NewKey:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -101,10 +119,10 @@ class SqliteKeyStore:
         return NewKey(key=key, key_id=key_id, webhook_secret=webhook_secret, admin=admin)
 
     def authenticate(self, key: str) -> Principal:
+        principal = self._static.find(key)
+        if principal is not None:
+            return principal
         digest = _hash(self._secret, key)
-        for known, principal in self._static.items():
-            if hmac.compare_digest(known, digest):
-                return principal
         row = (
             self._db.connection()
             .execute(
@@ -121,9 +139,9 @@ class SqliteKeyStore:
         )
 
     def webhook_secret(self, key_id: str) -> str:
-        for principal in self._static.values():
-            if principal.key_id == key_id:
-                return principal.webhook_secret
+        principal = self._static.by_id(key_id)
+        if principal is not None:
+            return principal.webhook_secret
         row = (
             self._db.connection()
             .execute("SELECT webhook_secret FROM api_keys WHERE key_id = ?", (key_id,))
@@ -158,7 +176,7 @@ class SqliteKeyStore:
 
     def _ensure_row(self, connection: sqlite3.Connection, key_id: str) -> None:
         """Static keys get a row on first `update_s3`, to hold their S3 details."""
-        principal = next((p for p in self._static.values() if p.key_id == key_id), None)
+        principal = self._static.by_id(key_id)
         if principal is None:
             return
         connection.execute(

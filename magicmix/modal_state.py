@@ -14,7 +14,6 @@ S3 details so they stay, while old job records are allowed to lapse.
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import time
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ from typing import Any, Protocol
 
 from magicmix.errors import Busy, NotFound, Unauthorized
 from magicmix.jobs import JobParams, JobRecord, JobResult, JobStatus
-from magicmix.keys import Principal, static_principals
+from magicmix.keys import Principal, StaticKeys
 
 _NEXT_ID = "next_id"
 _MISSING = object()
@@ -203,21 +202,19 @@ class DictKeyStore:
 
     def __init__(self, s3_details: DictLike, secret: bytes, static_keys: list[str]) -> None:
         self._s3 = s3_details
-        self._secret = secret
-        self._static = static_principals(static_keys, secret)
+        self._static = StaticKeys(static_keys, secret)
 
     def authenticate(self, key: str) -> Principal:
-        (digest,) = static_principals([key], self._secret)  # the same keyed hash
-        for known, principal in self._static.items():
-            if hmac.compare_digest(known, digest):
-                return principal
-        raise Unauthorized("invalid API key")
+        principal = self._static.find(key)
+        if principal is None:
+            raise Unauthorized("invalid API key")
+        return principal
 
     def webhook_secret(self, key_id: str) -> str:
-        for principal in self._static.values():
-            if principal.key_id == key_id:
-                return principal.webhook_secret
-        raise Unauthorized("the key of this job no longer exists")
+        principal = self._static.by_id(key_id)
+        if principal is None:
+            raise Unauthorized("the key of this job no longer exists")
+        return principal.webhook_secret
 
     def get_s3(self, key_id: str) -> str | None:
         blob = self._s3.get(key_id)
