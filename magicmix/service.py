@@ -122,19 +122,9 @@ class MagicMixService:
                 field="webhook",
             )
         params = JobParams(
-            prompt=body.prompt,
-            negative_prompt=body.negative_prompt,
-            width=body.width,
-            height=body.height,
-            kmin=body.kmin,
-            kmax=body.kmax,
-            mix_factor=body.mix_factor,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
+            **body.model_dump(include=set(JobParams.model_fields), exclude={"seed", "image_ref"}),
             seed=body.seed if body.seed is not None else random_seed(),
             image_ref=describe_image_field(body.image, len(data)),
-            webhook=body.webhook,
-            track_id=body.track_id,
         )
         validate_request(params.mix_request(image))
         job = await asyncio.to_thread(
