@@ -36,6 +36,7 @@ lint: install
 	$(BIN)/ruff check magicmix tests benchmarks infra modal_app.py
 	$(BIN)/mypy
 	$(BIN)/bandit -q -c pyproject.toml -r magicmix
+	$(BIN)/lint-imports
 
 test: install lint
 	scripts/install-browser.sh

@@ -1,6 +1,6 @@
 """magicmix on Modal: `modal deploy modal_app.py` (step by step: docs/deploy.md).
 
-Declarations only; the behaviour lives in `magicmix.modal_backend`. Deploy-time knobs are
+Declarations only; the behaviour lives in `magicmix.backends.modal`. Deploy-time knobs are
 environment variables read here, on the deploying machine, and baked into the image so
 containers re-importing this file see the same values:
 
@@ -20,7 +20,7 @@ import modal
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from magicmix.service import MagicMixService
+    from magicmix.backends.modal.compose import ModalParts
 
 APP_NAME = "magicmix"
 GPU = os.environ.get("MAGICMIX_GPU", "L40S")
@@ -56,7 +56,7 @@ app = modal.App(APP_NAME, image=image)
 weights = modal.Volume.from_name("magicmix-weights", create_if_missing=True)
 dicts = {
     name: modal.Dict.from_name(f"magicmix-{name}", create_if_missing=True)
-    for name in ("jobs", "active", "expiring", "keys")
+    for name in ("jobs", "active", "outbox", "expiring", "keys")
 }
 service_secrets = [
     modal.Secret.from_name("magicmix", required_keys=["MAGICMIX_API_KEYS", "MAGICMIX_SECRET_KEY"]),
@@ -64,26 +64,25 @@ service_secrets = [
 ]
 
 with image.imports():
-    from magicmix import modal_backend as backend
+    from magicmix.backends.modal import compose
+    from magicmix.backends.modal.calls import ModalGpuCalls
+    from magicmix.backends.modal.gpu import GpuWorker
+    from magicmix.backends.modal.weights import download_weights as fill_volume
     from magicmix.config import Settings
-    from magicmix.modal_state import ModalState
-    from magicmix.server import create_app
+    from magicmix.engine.configure import engine_on_cuda, load_for_snapshot
+    from magicmix.http.app import create_app
 
 
-def service() -> MagicMixService:
-    """The same service in every container; the web URL is the default public URL."""
-    return backend.build_modal_service(
-        backend.modal_settings(web.get_web_url()),
-        ModalState(**dicts),
-        backend.ModalLauncher(MagicMix().run),
-        gpu=GPU,
-    )
+def parts() -> ModalParts:
+    """What every container shares; the web URL is the default public URL."""
+    settings = compose.modal_settings(web.get_web_url())
+    return compose.modal_parts(settings, dicts, send_webhooks.spawn)
 
 
 @app.function(volumes={CACHE_DIR: weights}, timeout=3600)
 def download_weights() -> None:
     """`modal run modal_app.py::download_weights`: fill the Volume from the hub, once."""
-    backend.download_weights(Settings())
+    fill_volume(Settings())
     weights.commit()
 
 
@@ -103,22 +102,22 @@ class MagicMix:
 
     @modal.enter(snap=True)
     def load(self) -> None:
-        self.weights = backend.load_weights(Settings())
+        self.weights = load_for_snapshot(Settings())
 
     @modal.enter(snap=False)
     def to_gpu(self) -> None:
-        self.service = service()
-        self.engine = backend.engine_on_gpu(self.weights, self.service.settings)
+        shared = parts()
+        self.worker = GpuWorker(shared, engine_on_cuda(self.weights, shared.settings))
 
     @modal.batched(max_batch_size=BATCH_SIZE, wait_ms=BATCH_WAIT_MS)
-    def run(self, job_ids: list[int]) -> list[str]:
-        return backend.run_batch(self.service, self.engine, job_ids, send_webhooks.spawn)
+    def run(self, job_inputs: list[str]) -> list[str]:
+        return self.worker.run(job_inputs)
 
 
 @app.function(secrets=service_secrets, timeout=900)
 async def send_webhooks(job_ids: list[int]) -> None:
     """Webhooks leave from a CPU container, so the GPU never waits on a receiver."""
-    await backend.deliver_webhooks(service(), job_ids)
+    await compose.deliver_webhooks(parts(), job_ids)
 
 
 @app.function(secrets=service_secrets, timeout=180)
@@ -126,10 +125,13 @@ async def send_webhooks(job_ids: list[int]) -> None:
 @modal.asgi_app()
 def web() -> FastAPI:
     """The same FastAPI app as `magicmix serve`."""
-    return create_app(service(), background_cleanup=False)  # the Cron below sweeps
+    shared = parts()
+    return create_app(compose.web_service(shared, ModalGpuCalls(MagicMix().run), gpu_name=GPU))
 
 
-@app.function(secrets=service_secrets, schedule=modal.Cron("7 * * * *"), timeout=900)
-def cleanup() -> None:
-    """Hourly: delete service-store outputs past retention, expire their jobs."""
-    backend.cleanup(service())
+@app.function(secrets=service_secrets, schedule=modal.Cron("*/5 * * * *"), timeout=900)
+async def sweep() -> None:
+    """Every 5 minutes: crash repair, the 24-hour rule, stuck jobs, webhook retries."""
+    shared = parts()
+    dispatch = compose.dispatcher(shared, ModalGpuCalls(MagicMix().run), gpu_name=GPU)
+    await compose.run_sweep(shared, dispatch)

@@ -39,7 +39,7 @@ from tests.service_fixtures import MIX
 SIZE = 256  # start-up is what is measured; 768 would add ~10 s of compute to every figure
 BENCH_KEY = "mm_coldstart_bench_key"
 START_TIMEOUT_S = 300.0
-IMPORTS = ["-c", "import magicmix.cli, magicmix.local"]  # what a prebuilt `mix` imports
+IMPORTS = ["-c", "import magicmix.cli, magicmix.engine.configure"]  # what a prebuilt `mix` imports
 MIX_ARGS = ["--prompt", "Bed", "--negative-prompt", "low quality", "--seed", "1829183163"]
 
 
@@ -150,7 +150,7 @@ def cold_start(ctx: Context, out: Section) -> None:
         Comparison(
             case="share of a prebuilt `mix` start",
             unit="s",
-            label="imports only (magicmix.cli, .local)",
+            label="imports only (magicmix.cli, .engine.configure)",
             samples=samples["imports only"],
             baseline_label="mix, prebuilt",
             baseline_samples=samples["mix, prebuilt"],

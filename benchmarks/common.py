@@ -28,10 +28,10 @@ from PIL import Image
 
 from benchmarks.gpu import layout_image, version_of
 from magicmix.config import Settings
-from magicmix.images import png_bytes
-from magicmix.mix_request import MixRequest
-from magicmix.model_builder import build_random_model
-from magicmix.schemas import SEED_EXAMPLE
+from magicmix.engine.builder import build_random_model
+from magicmix.http.schemas import SEED_EXAMPLE
+from magicmix.inputs.images import png_bytes
+from magicmix.request import MixRequest
 
 TORCH_THREADS = 2  # the CPU budget the suite is sized for (and what `make bench` reports)
 # Above this 1-minute load, something else competes for the cores: an intra-op thread that

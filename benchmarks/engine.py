@@ -32,8 +32,8 @@ from benchmarks.common import (
     seed_request,
 )
 from magicmix.engine import EngineOptions, MagicMixEngine
-from magicmix.local import load_engine
-from magicmix.mix_request import MixRequest
+from magicmix.engine.configure import load_engine
+from magicmix.request import MixRequest
 
 ENGINE_TARGET = Target("<=", 1.05)
 OPTIMIZED_SIZE = 256  # (b) runs 5 rungs x 4 images per round: minutes at 768 on 2 cores

@@ -63,15 +63,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from magicmix.engine import EngineOptions, MagicMixEngine, MixRequest  # noqa: E402
-from magicmix.loading import Components  # noqa: E402
-from magicmix.model_builder import (  # noqa: E402
+from magicmix.engine import EngineOptions, MagicMixEngine  # noqa: E402
+from magicmix.engine.builder import (  # noqa: E402
     BUILD_SEED,
     _sd15_modules,
     _sd_scheduler,
     _tiny_modules,
     build_clip_tokenizer,
 )
+from magicmix.engine.loading import Components  # noqa: E402
+from magicmix.request import MixRequest  # noqa: E402
 
 GIB = 2**30
 TARGET_SIZE = 768

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from magicmix.engine import EngineOptions, MagicMixEngine
-from magicmix.loading import Components
-from magicmix.mix_request import MixRequest
-from magicmix.model_builder import _sd15_modules, _sd_scheduler, build_clip_tokenizer
+from magicmix.engine.builder import _sd15_modules, _sd_scheduler, build_clip_tokenizer
+from magicmix.engine.loading import Components
+from magicmix.request import MixRequest
 
 dev = torch.device("cuda")
 unet, vae, te = _sd15_modules()

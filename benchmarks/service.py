@@ -40,8 +40,8 @@ from benchmarks.common import (
     timed,
 )
 from magicmix.engine import MagicMixEngine
-from magicmix.images import decode_image, decode_inline_image, png_bytes
-from magicmix.schemas import MagicMixIn
+from magicmix.http.schemas import MagicMixIn
+from magicmix.inputs.images import decode_image, decode_inline_image, png_bytes
 from tests.http_fixtures import free_port
 from tests.service_fixtures import MIX, RunningService, serve
 

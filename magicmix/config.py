@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 import secrets
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Standard Webhooks' recommended schedule, as offsets in seconds after the job ended.
+WEBHOOK_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 
 
 class Settings(BaseSettings):
@@ -46,7 +50,9 @@ class Settings(BaseSettings):
     max_queued_per_key: int = Field(32, ge=1)
     batch_size: int = Field(4, ge=1, le=64)
     batch_wait_ms: int = Field(25, ge=0)
-    cleanup_interval_s: float = Field(600.0, gt=0)
+    sweep_interval_s: float = Field(60.0, gt=0)  # local: expire outputs, fail stuck jobs
+    stale_queued_s: float = Field(3600.0, gt=0)  # a job not started by then is failed
+    stale_processing_s: float = Field(1800.0, gt=0)  # a run not finished by then is failed
 
     # --- inputs ---
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -56,10 +62,24 @@ class Settings(BaseSettings):
 
     # --- webhooks ---
     webhook_timeout_s: float = Field(10.0, gt=0)
-    webhook_max_attempts: int = Field(5, ge=1, le=20)
-    webhook_backoff_s: float = Field(1.0, ge=0)
+    # comma-separated seconds after the job ended; one attempt at each (see webhooks.py)
+    webhook_schedule: Annotated[tuple[float, ...], NoDecode] = WEBHOOK_SCHEDULE
 
     log_level: str = "INFO"
+
+    @field_validator("webhook_schedule", mode="before")
+    @classmethod
+    def _parse_schedule(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", "").split(",") if part]
+        return value
+
+    @field_validator("webhook_schedule")
+    @classmethod
+    def _schedule_increases(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or value[0] < 0 or any(b < a for a, b in pairwise(value)):
+            raise ValueError("webhook_schedule must be non-negative offsets in increasing order")
+        return value
 
     @field_validator("public_url")
     @classmethod
@@ -79,10 +99,6 @@ class Settings(BaseSettings):
     @property
     def effective_store_url(self) -> str:
         return self.store_url or f"file://{self.data_dir / 'outputs'}"
-
-    def output_url(self, name: str) -> str:
-        """Where the service serves a file of its own store (the GET /outputs route)."""
-        return f"{self.public_url}/outputs/{name}"
 
     @property
     def database_path(self) -> Path:

@@ -1,87 +1,112 @@
-"""Run a batch of jobs through the engine and put each result where it belongs.
+"""Run a batch of claimed jobs through the engine and put each result where it belongs.
 
 Shared by the local worker thread and Modal's GPU class: given an engine and claimed
 jobs, it decodes inputs, mixes them in one engine call, stores each PNG (the key's own
-bucket when it has S3 details, else the service store) and records the outcome. A job
-never stays `processing` because of an error here: it ends `success` or `failed`.
+bucket when it has S3 details, else the service store) and ends each job through the
+lifecycle. A job never stays `processing` because of an error here. When the lifecycle
+refuses a finish (the job was cancelled or failed by the sweep meanwhile), the PNG just
+stored is deleted again, so a job has at most one output and only if it succeeded.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from PIL import Image
 
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.engine import MagicMixEngine, MixResult
 from magicmix.errors import MagicMixError, StorageError
-from magicmix.images import decode_image, png_bytes
-from magicmix.jobs import JobRecord, JobResult, JobStore
+from magicmix.inputs.images import decode_image, png_bytes
+from magicmix.jobs import JobRecord, JobResult
 from magicmix.keys import KeyStore
-from magicmix.mix_request import MixRequest
-from magicmix.storage import OutputStore
-from magicmix.user_s3 import S3Details, UserBucket, check_s3_endpoint
+from magicmix.lifecycle import Lifecycle
+from magicmix.outputs.store import OutputStore
+from magicmix.outputs.user_bucket import S3Details, UserBucket, check_s3_endpoint
+from magicmix.replies import Links
+from magicmix.request import MixRequest
 
 log = logging.getLogger(__name__)
 
 
-def to_mix_request(job: JobRecord, image_bytes: bytes, settings: Settings) -> MixRequest:
-    return job.params.mix_request(decode_image(image_bytes, max_pixels=settings.max_image_pixels))
+class Mixed(Protocol):
+    @property
+    def image(self) -> Image.Image: ...
+
+
+class Engine(Protocol):
+    """What the backends need of `engine.MagicMixEngine` (a seam: no torch above it)."""
+
+    def mix(self, requests: Sequence[MixRequest], *, progress: bool = ...) -> Sequence[Mixed]: ...
+    def clear_cache(self) -> int: ...
+    def describe(self) -> dict[str, str]: ...
 
 
 class JobRunner:
-    """Turns claimed jobs into finished ones; holds no engine of its own."""
+    """Turns claimed jobs into ended ones; holds no engine of its own."""
 
     def __init__(
         self,
         *,
         settings: Settings,
-        jobs: JobStore,
+        lifecycle: Lifecycle,
         outputs: OutputStore,
         keys: KeyStore,
         box: SecretBox,
+        links: Links,
     ) -> None:
         self.settings = settings
-        self.jobs = jobs
+        self.lifecycle = lifecycle
         self.outputs = outputs
         self.keys = keys
         self.box = box
+        self.links = links
 
-    def run(self, engine: MagicMixEngine, batch: list[JobRecord]) -> list[JobRecord]:
-        """Mix `batch` (compatible jobs) in one engine call; returns the finished records."""
-        finished: list[JobRecord] = []
+    def run(self, engine: Engine, batch: list[JobRecord]) -> list[JobRecord]:
+        """Mix `batch` (claimed, compatible jobs) in one engine call; returns the ended ones."""
+        ended: list[JobRecord | None] = []
         runnable: list[tuple[JobRecord, MixRequest]] = []
         for job in batch:
-            data = self.jobs.image(job.id)
+            data = self.lifecycle.store.image(job.id)
             if data is None:
-                finished.append(self.jobs.fail(job.id, "the layout image was lost"))
+                ended.append(self.lifecycle.fail(job.id, "the layout image was lost"))
                 continue
             try:
-                runnable.append((job, to_mix_request(job, data, self.settings)))
+                image = decode_image(data, max_pixels=self.settings.max_image_pixels)
             except MagicMixError as err:
-                finished.append(self.jobs.fail(job.id, err.message))
-        if not runnable:
-            return finished
+                ended.append(self.lifecycle.fail(job.id, err.message))
+                continue
+            runnable.append((job, job.params.mix_request(image)))
+        if runnable:
+            ended += self._mix(engine, runnable)
+        return [job for job in ended if job is not None]
+
+    def _mix(
+        self, engine: Engine, runnable: list[tuple[JobRecord, MixRequest]]
+    ) -> list[JobRecord | None]:
         started = time.perf_counter()
         try:
             results = engine.mix([request for _, request in runnable], progress=False)
         except MagicMixError as err:
-            return finished + [self.jobs.fail(job.id, err.message) for job, _ in runnable]
+            return [self.lifecycle.fail(job.id, err.message) for job, _ in runnable]
         except Exception:
             log.exception("engine failed on jobs %s", [job.id for job, _ in runnable])
-            return finished + [
-                self.jobs.fail(job.id, "internal error while generating the image")
+            return [
+                self.lifecycle.fail(job.id, "internal error while generating the image")
                 for job, _ in runnable
             ]
         elapsed = time.perf_counter() - started
         log.info("mixed jobs %s in %.2fs", [job.id for job, _ in runnable], elapsed)
-        for (job, _), result in zip(runnable, results, strict=True):
-            finished.append(self._store(job, result, elapsed))
-        return finished
+        return [
+            self._store(job, png_bytes(result.image), elapsed)
+            for (job, _), result in zip(runnable, results, strict=True)
+        ]
 
-    def _store(self, job: JobRecord, result: MixResult, elapsed: float) -> JobRecord:
+    def _store(self, job: JobRecord, data: bytes, elapsed: float) -> JobRecord | None:
         """User bucket first when the key has one; the service store otherwise or as fallback."""
-        data = png_bytes(result.image)
         name = job.output_name
         note = None
         blob = self.keys.get_s3(job.key_id)
@@ -89,7 +114,8 @@ class JobRunner:
             try:
                 details = S3Details.from_encrypted(self.box, blob)
                 check_s3_endpoint(details, self.settings)
-                uploaded = UserBucket(details).upload(name, data)
+                bucket = UserBucket(details)
+                uploaded = bucket.upload(name, data)
             except MagicMixError as err:
                 hours = f"{self.settings.retention_hours:g}"
                 note = (
@@ -98,30 +124,38 @@ class JobRunner:
                 )
                 log.warning("job %s: user bucket upload failed, using the service store", job.id)
             else:
-                return self.jobs.finish(
-                    job.id,
-                    JobResult(
-                        output=[uploaded.url],
-                        generation_time=elapsed,
-                        stored_in="user",
-                        object_names=[uploaded.key],
-                        note=uploaded.note,
-                    ),
+                result = JobResult(
+                    output=[uploaded.url],
+                    generation_time=elapsed,
+                    stored_in="user",
+                    object_names=[uploaded.key],
+                    note=uploaded.note,
                 )
+                return self._finish(job, result, undo=lambda: bucket.delete(uploaded.key))
         try:
             self.outputs.put(name, data)
         except StorageError as err:
             log.error("job %s: service store failed: %s", job.id, err.message)
-            return self.jobs.fail(
+            return self.lifecycle.fail(
                 job.id, f"the image was generated but could not be stored: {err.message}"
             )
-        return self.jobs.finish(
-            job.id,
-            JobResult(
-                output=[self.settings.output_url(name)],
-                generation_time=elapsed,
-                stored_in="service",
-                object_names=[name],
-                note=note,
-            ),
+        result = JobResult(
+            output=[self.links.output(name)],
+            generation_time=elapsed,
+            stored_in="service",
+            object_names=[name],
+            note=note,
         )
+        return self._finish(job, result, undo=lambda: self.outputs.delete(name))
+
+    def _finish(
+        self, job: JobRecord, result: JobResult, *, undo: Callable[[], None]
+    ) -> JobRecord | None:
+        ended = self.lifecycle.finish(job, result)
+        if ended is None:  # cancelled or failed meanwhile: the output must not outlive that
+            log.info("job %s ended before its finish; removing its output", job.id)
+            try:
+                undo()
+            except MagicMixError as err:
+                log.warning("job %s: output not removed: %s", job.id, err.message)
+        return ended

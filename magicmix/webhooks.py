@@ -1,55 +1,51 @@
-"""Webhook delivery, signed per the Standard Webhooks spec (https://www.standardwebhooks.com).
+"""Webhooks: signed per Standard Webhooks, delivered at least once on a persisted schedule.
 
 Receivers verify with any Standard Webhooks library: `Webhook(secret).verify(body, headers)`.
-Delivery never raises for the receiver's sake: a refused URL, a dead receiver or a 4xx all
-end as a `DeliveryOutcome` the caller records. The secret and the body are never logged.
+
+A job's webhook is owed from its creation (`jobs.WebhookState`), and due once the job
+ended. `WebhookSender` makes one attempt per due webhook and records the outcome on the
+job, with the time of the next attempt from the schedule, so a restart, another process
+or another container resumes where the last one stopped. Every attempt of a job carries
+the same `webhook-id`, so receivers can drop duplicates. The schedule follows the spec's
+recommendation (https://www.standardwebhooks.com, "Retry schedule"): attempts at these
+offsets after the job ended: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h,
+24 h. A 2xx is delivered; 410 Gone stops deliveries to that receiver; 429 and 5xx (and
+network errors) are retried, no sooner than a `Retry-After` asks; other answers are final.
+Delivery never raises for the receiver's sake. The secret and the body are never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import json
 import logging
 import math
-import secrets
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from email.utils import parsedate_to_datetime
 
 import httpx
 from standardwebhooks import Webhook
 
 from magicmix.config import Settings
-from magicmix.errors import InvalidInput
-from magicmix.netguard import (
+from magicmix.errors import InvalidInput, MagicMixError
+from magicmix.inputs.netguard import (
     RefusedAddress,
     check_url,
     describe_transport_error,
     guarded_async_client,
+    redact_url,
 )
+from magicmix.jobs import JobRecord, JobStore, WebhookState
+from magicmix.keys import KeyStore
+from magicmix.replies import webhook_body
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-_SECRET_BYTES = 32  # the spec asks for 24 to 64 random bytes
-_MAX_DELAY_S = 600.0  # with up to 20 attempts, uncapped doubling would wait for days
-_jitter = secrets.SystemRandom()
-
-
-@dataclass(frozen=True)
-class DeliveryOutcome:
-    """How a delivery ended: `status_code` of the last answer, `error` when not delivered."""
-
-    delivered: bool
-    attempts: int
-    status_code: int | None
-    error: str | None
-
-
-def new_signing_secret() -> str:
-    """A fresh per-key signing secret in the spec's `whsec_<base64>` form."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(_SECRET_BYTES)).decode()
+MAX_RETRY_AFTER_S = 24 * 3600.0  # a receiver cannot push an attempt further than this
 
 
 def sign_headers(secret: str, msg_id: str, body: bytes, timestamp: datetime) -> dict[str, str]:
@@ -64,82 +60,179 @@ def sign_headers(secret: str, msg_id: str, body: bytes, timestamp: datetime) -> 
     }
 
 
-async def deliver_webhook(
-    url: str,
-    payload: dict[str, Any],
-    *,
-    secret: str,
-    msg_id: str,
-    settings: Settings,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> DeliveryOutcome:
-    """POST `payload` to `url`, retrying failures that may pass (network, 5xx, 429) with backoff.
-
-    2xx is delivered; any other answer (a 4xx, or a redirect, which is not followed) is final.
-    """
-    try:
-        await asyncio.to_thread(
-            check_url, url, allow_private=settings.allow_private_urls, field="webhook"
-        )
-    except InvalidInput as err:
-        logger.warning("webhook %s not sent: %s", msg_id, err.message)
-        return DeliveryOutcome(delivered=False, attempts=0, status_code=None, error=err.message)
-
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    max_attempts = settings.webhook_max_attempts
-    status_code: int | None = None
-    error: str | None = None
-    async with guarded_async_client(
-        allow_private=settings.allow_private_urls, timeout_s=settings.webhook_timeout_s
-    ) as client:
-        for attempt in range(1, max_attempts + 1):
-            # a fresh timestamp each attempt: receivers refuse signatures older than minutes
-            headers = sign_headers(secret, msg_id, body, datetime.now(UTC))
-            status_code, error, retry = await _post_once(client, url, body, headers, settings)
-            logger.info(
-                "webhook %s attempt %d/%d: status=%s error=%s",
-                msg_id,
-                attempt,
-                max_attempts,
-                status_code,
-                error,
-            )
-            if error is None:
-                return DeliveryOutcome(
-                    delivered=True, attempts=attempt, status_code=status_code, error=None
-                )
-            if not retry or attempt == max_attempts:
-                break
-            delay = min(settings.webhook_backoff_s * 2 ** (attempt - 1), _MAX_DELAY_S)
-            await sleep(delay + _jitter.uniform(0, settings.webhook_backoff_s))
-    return DeliveryOutcome(delivered=False, attempts=attempt, status_code=status_code, error=error)
+def message_id(job_id: int) -> str:
+    """The `webhook-id` of a job's webhook: the same on every attempt."""
+    return f"magicmix-job-{job_id}"
 
 
-async def _post_once(
-    client: httpx.AsyncClient,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    settings: Settings,
-) -> tuple[int | None, str | None, bool]:
-    """One attempt: (status code, error or None when delivered, whether a retry may help).
+@dataclass(frozen=True)
+class Attempt:
+    """How one POST went: `error` None means delivered."""
 
-    The answer's body is never read: a receiver cannot make us hold or wait for it.
-    """
-    timeout_s = settings.webhook_timeout_s
+    status_code: int | None
+    error: str | None
+    retry: bool = False  # a later attempt may succeed
+    retry_after_s: float | None = None  # what the receiver asked for (429/503)
+    gone: bool = False  # 410: the receiver wants no more deliveries
+
+
+def next_state(
+    state: WebhookState, attempt: Attempt, *, ended_at: float, now: float, schedule: Sequence[float]
+) -> WebhookState:
+    """The webhook's state after `attempt`: delivered, stopped, failed, or when to retry."""
+    attempts = state.attempts + 1
+    common = {"attempts": attempts, "last_status": attempt.status_code, "last_error": attempt.error}
+    if attempt.error is None:
+        return WebhookState(phase="delivered", next_at=None, **common)
+    if attempt.gone:
+        return WebhookState(phase="stopped", next_at=None, **common)
+    if not attempt.retry or attempts >= len(schedule):
+        return WebhookState(phase="failed", next_at=None, **common)
+    next_at = max(ended_at + schedule[attempts], now)
+    if attempt.retry_after_s is not None:
+        next_at = max(next_at, now + min(attempt.retry_after_s, MAX_RETRY_AFTER_S))
+    return WebhookState(phase="pending", next_at=next_at, **common)
+
+
+async def post_once(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str], timeout_s: float
+) -> Attempt:
+    """One POST; the answer's body is never read, so a receiver cannot make us hold it."""
     try:
         async with (
             asyncio.timeout(timeout_s),
             client.stream("POST", url, content=body, headers=headers) as response,
         ):
             status = response.status_code
+            retry_after = _retry_after_s(response.headers.get("retry-after"))
     except RefusedAddress as err:  # the name resolved differently at connect time
-        return None, f"webhook {err.message}", False
+        return Attempt(None, f"webhook {err.message}")
     except TimeoutError:
-        return None, f"the receiver did not answer within {timeout_s:g} s", True
+        return Attempt(None, f"the receiver did not answer within {timeout_s:g} s", retry=True)
     except httpx.HTTPError as err:
-        return None, describe_transport_error(err), True
+        return Attempt(None, describe_transport_error(err), retry=True)
     if 200 <= status < 300:
-        return status, None, False
-    retry = status == 429 or status >= 500
-    return status, f"the receiver answered HTTP {status}", retry
+        return Attempt(status, None)
+    error = f"the receiver answered HTTP {status}"
+    if status == 410:
+        return Attempt(status, error + " (Gone): no more deliveries to it", gone=True)
+    retry = status in (408, 429) or status >= 500
+    return Attempt(status, error, retry=retry, retry_after_s=retry_after if retry else None)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """A `Retry-After` header (seconds or an HTTP date) as seconds from now."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
+
+
+class WebhookSender:
+    """Makes the due attempts of jobs' webhooks and records each outcome on the job."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        keys: KeyStore,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._jobs = jobs
+        self._keys = keys
+        self._settings = settings
+        self._clock = clock
+
+    async def send_due(self, limit: int = 64) -> list[WebhookState]:
+        """One attempt for every webhook due now (up to `limit`, concurrently)."""
+        due = await asyncio.to_thread(self._jobs.webhooks_due, self._clock(), limit)
+        return list(await asyncio.gather(*(self.send(job) for job in due)))
+
+    async def send(self, job: JobRecord) -> WebhookState:
+        """One attempt for `job`'s webhook (which must be owed), recorded before returning."""
+        assert job.webhook is not None and job.params.webhook  # nosec B101 - callers check
+        url = job.params.webhook
+        attempt = await self._attempt(job, url)
+        now = self._clock()
+        state = next_state(
+            job.webhook,
+            attempt,
+            ended_at=job.finished_at or now,
+            now=now,
+            schedule=self._settings.webhook_schedule,
+        )
+        await asyncio.to_thread(self._jobs.record_webhook, job.id, state)
+        log.info(
+            "webhook of job %s to %s: attempt %d %s%s",
+            job.id,
+            redact_url(url),
+            state.attempts,
+            state.phase,
+            f" ({attempt.error}); next in {state.next_at - now:.0f} s"
+            if state.next_at is not None
+            else f" ({attempt.error})"
+            if attempt.error
+            else "",
+        )
+        return state
+
+    async def _attempt(self, job: JobRecord, url: str) -> Attempt:
+        settings = self._settings
+        try:
+            await asyncio.to_thread(
+                check_url, url, allow_private=settings.allow_private_urls, field="webhook"
+            )
+            secret = await asyncio.to_thread(self._keys.webhook_secret, job.key_id)
+        except InvalidInput as err:  # the URL is refused (now): nothing will change that
+            return Attempt(None, err.message)
+        except MagicMixError as err:  # e.g. the key was removed since the job was made
+            return Attempt(None, f"not sent: {err.message}")
+        body = json.dumps(
+            webhook_body(job, retention_hours=settings.retention_hours), separators=(",", ":")
+        ).encode()
+        # a fresh timestamp each attempt: receivers refuse signatures older than minutes
+        headers = sign_headers(secret, message_id(job.id), body, datetime.now(UTC))
+        async with guarded_async_client(
+            allow_private=settings.allow_private_urls, timeout_s=settings.webhook_timeout_s
+        ) as client:
+            return await post_once(client, url, body, headers, settings.webhook_timeout_s)
+
+
+class WebhookPump:
+    """Runs a `WebhookSender` in one event loop: at once when nudged, and on schedule.
+
+    `nudge()` may be called from any thread (the lifecycle calls it as jobs end).
+    """
+
+    def __init__(self, sender: WebhookSender, *, idle_s: float) -> None:
+        self._sender = sender
+        self._idle_s = idle_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    def nudge(self, jobs: list[JobRecord] | None = None) -> None:
+        if self._loop is None or self._wake is None:
+            return
+        if jobs is None or any(job.webhook is not None for job in jobs):
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run_forever(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        while True:
+            try:
+                sent = await self._sender.send_due()
+            except Exception:  # a failed pass must not stop later ones
+                log.exception("webhook pass failed")
+                sent = []
+            if sent:
+                continue  # more may be due
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._idle_s)
+            self._wake.clear()

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from magicmix.engine import MagicMixEngine
-from magicmix.model_builder import build_random_model
+from magicmix.engine.builder import build_random_model
 
 pytest_plugins: list[str] = ["tests.s3_server", "tests.service_fixtures"]
 

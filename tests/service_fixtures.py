@@ -16,10 +16,10 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from magicmix.backends.local.compose import build_local_service, open_key_store
 from magicmix.config import Settings
-from magicmix.local import build_local_service, open_key_store
-from magicmix.schemas import SEED_EXAMPLE
-from magicmix.server import create_app
+from magicmix.http.app import create_app
+from magicmix.http.schemas import SEED_EXAMPLE
 from magicmix.service import MagicMixService
 from tests.conftest import make_layout_image
 from tests.http_fixtures import LoopbackServer, free_port, respond
@@ -80,7 +80,7 @@ def service_settings(tmp_path: Path, model_dir: Path, **overrides: Any) -> Setti
         "public_url": f"http://127.0.0.1:{port}",
         "allow_private_urls": True,
         "sync_wait_s": 30.0,
-        "webhook_backoff_s": 0.05,
+        "webhook_schedule": (0.0, 0.05, 0.1),
         "batch_wait_ms": 20,
         "secret_key": "test-secret-key-0123456789",
     }
@@ -106,7 +106,7 @@ def serve(settings: Settings) -> Iterator[RunningService]:
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    assert service.worker.wait_ready(60), "engine did not load"  # type: ignore[attr-defined]
+    assert service.dispatcher.wait_ready(60), "engine did not load"  # type: ignore[attr-defined]
     with httpx.Client(timeout=60) as http:
         try:
             yield RunningService(settings.public_url, settings, service, key, admin_key, http)

@@ -129,8 +129,8 @@ def test_keys_create_prints_a_key_that_the_service_accepts(cli_env: dict[str, st
     key = run.stdout.strip()
     assert key.startswith("mm_") and "whsec_" in run.stderr
 
+    from magicmix.backends.local.compose import open_key_store
     from magicmix.config import Settings
-    from magicmix.local import open_key_store
 
     settings = Settings(data_dir=Path(cli_env["MAGICMIX_DATA_DIR"]))
     assert open_key_store(settings).authenticate(key).key_id in run.stderr

@@ -8,8 +8,8 @@ from PIL import Image
 
 from magicmix.engine import MagicMixEngine, mix_latents
 from magicmix.errors import InvalidInput
-from magicmix.images import png_bytes
-from magicmix.mix_request import MixRequest
+from magicmix.inputs.images import png_bytes
+from magicmix.request import MixRequest
 from tests.conftest import make_layout_image
 
 
@@ -79,7 +79,7 @@ def test_unet_calls_and_mixed_steps_follow_the_formula(
     mixed: int,
 ) -> None:
     mixes: list[int] = []
-    import magicmix.engine as engine_module
+    import magicmix.engine.pipeline as engine_module
 
     real_mix = engine_module.mix_latents
 

@@ -13,7 +13,7 @@ from http_fixtures import Handler, LoopbackServer, free_port, redirect, respond
 
 from magicmix.config import Settings
 from magicmix.errors import InvalidInput, PayloadTooLarge
-from magicmix.fetch import MAX_REDIRECTS, fetch_image_bytes
+from magicmix.inputs.fetch import MAX_REDIRECTS, fetch_image_bytes
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # content is not inspected here
 LIMIT = 4096

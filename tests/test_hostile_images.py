@@ -281,6 +281,7 @@ def test_accepted_images_all_become_256_pngs(
 def test_service_is_intact_after_the_corpus(app: RunningService) -> None:
     """Runs last in this module: nothing stuck in the queue, and a plain job still succeeds."""
     assert app.service.jobs.queue_length() == 0
-    assert app.service.worker._thread is not None and app.service.worker._thread.is_alive()  # type: ignore[attr-defined]
+    worker = app.service.dispatcher
+    assert worker._thread is not None and worker._thread.is_alive()  # type: ignore[attr-defined]
     reply = app.mix(image=data_uri(LAYOUT_PNG), **FAST)
     assert reply.status_code == 200 and reply.json()["status"] == "success", reply.text

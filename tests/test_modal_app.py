@@ -77,5 +77,5 @@ def test_download_and_scheduled_cleanup_are_declared() -> None:
     download = modal_app.download_weights.info()
     assert download.volumes[modal_app.CACHE_DIR].name == "magicmix-weights"
     assert download.secrets == []  # the hub download needs none of the service's secrets
-    assert modal_app.cleanup.info().schedule == "Cron('7 * * * *', UTC)"
+    assert modal_app.sweep.info().schedule == "Cron('*/5 * * * *', UTC)"
     assert modal_app.send_webhooks.info().gpus == []

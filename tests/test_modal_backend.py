@@ -1,9 +1,9 @@
 """The Modal backend, run here without Modal: Dicts and spawn are in-memory stand-ins.
 
 Everything below the Modal API is real: the service, the FastAPI app, the runner with
-the tiny model, the loopback S3 server and webhook receiver. What only Modal can do
-(its Dict server, spawning the GPU class, the GPU itself) is replaced by the stand-ins in
-`tests/modal_standins.py` and `InlineLauncher`, named so in every test that uses them.
+the tiny model, the loopback S3 server (service store and layout images) and a webhook
+receiver. What only Modal can do (its Dict server, spawning the GPU class, the GPU) is
+replaced by `tests/modal_standins.py` and `InlineGpuCalls`, named so in every test.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import asyncio
 import base64
 import inspect
 import io
+import pickle  # nosec B403 - our own values
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,136 +26,93 @@ import torch
 from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
-from magicmix import modal_backend
+from magicmix.backends.modal import compose, weights
+from magicmix.backends.modal.compose import ModalParts
+from magicmix.backends.modal.dispatch import ModalDispatcher, parse_job_input
+from magicmix.backends.modal.gpu import GpuWorker
 from magicmix.config import Settings
-from magicmix.crypto import SecretBox
-from magicmix.db import Database
 from magicmix.engine import MagicMixEngine
-from magicmix.errors import Unauthorized
+from magicmix.engine.configure import load_for_snapshot
+from magicmix.http.app import create_app
+from magicmix.http.links import EDITING
 from magicmix.jobs import JobResult, JobStatus
-from magicmix.keys import KeyStore, SqliteKeyStore, static_principals
-from magicmix.loading import HUB_ALLOW_PATTERNS
-from magicmix.modal_backend import GpuCall, build_modal_service, deliver_webhooks, run_batch
-from magicmix.modal_state import DictKeyStore, ModalState
-from magicmix.server import create_app
-from magicmix.service import API_BASE, MagicMixService
+from magicmix.keys import static_principals
+from magicmix.lifecycle import Lifecycle
+from magicmix.outputs.store import LocalStore
 from tests.conftest import make_layout_image
 from tests.http_fixtures import LoopbackServer, respond
-from tests.modal_standins import InMemoryDict, standin_job_store, standin_state
+from tests.modal_standins import InMemoryDict, standin_dicts
 from tests.test_jobs import params
 
 SECRET = b"test-secret-key-0123456789"
 KEY = "mm_static_test_key"
 KEY_ID = next(iter(static_principals([KEY], SECRET).values())).key_id
-MIX = f"{API_BASE}/image_editing/magic_mix"
+MIX = f"{EDITING}/magic_mix"
 
 
 def test_standin_has_modal_dict_signatures() -> None:
-    for name in ("get", "put", "pop", "items", "len"):
+    for name in ("get", "put", "pop", "items"):
         theirs = list(inspect.signature(getattr(modal.Dict, name)).parameters.values())[1:]
         ours = list(inspect.signature(getattr(InMemoryDict, name)).parameters.values())[1:]
         assert [(p.name, p.kind) for p in ours] == [(p.name, p.kind) for p in theirs], name
 
 
-# -- KeyStore: the same interface tests for the local and the Modal store ----------------
-
-KEY_STORES: dict[str, Callable[[Path], KeyStore]] = {
-    "sqlite": lambda tmp: SqliteKeyStore(
-        Database(tmp / "keys.sqlite3"), SecretBox(SECRET), SECRET, [KEY]
-    ),
-    "modal-dict-inmemory-standin": lambda tmp: DictKeyStore(InMemoryDict(), SECRET, [KEY]),
-}
-
-
-@pytest.fixture(params=sorted(KEY_STORES))
-def key_store(request: pytest.FixtureRequest, tmp_path: Path) -> KeyStore:
-    return KEY_STORES[request.param](tmp_path)
-
-
-def test_static_key_authenticates_as_admin(key_store: KeyStore) -> None:
-    principal = key_store.authenticate(KEY)
-    assert principal.admin and principal in static_principals([KEY], SECRET).values()
-    assert key_store.webhook_secret(principal.key_id) == principal.webhook_secret
-    with pytest.raises(Unauthorized):
-        key_store.authenticate(KEY + "x")
-    with pytest.raises(Unauthorized):
-        key_store.webhook_secret("key-unknown")
-
-
-def test_s3_details_are_kept_per_key(key_store: KeyStore) -> None:
-    key_id = key_store.authenticate(KEY).key_id
-    assert key_store.get_s3(key_id) is None and key_store.delete_s3(key_id) is False
-    key_store.set_s3(key_id, "encrypted-blob")
-    assert key_store.get_s3(key_id) == "encrypted-blob"
-    assert key_store.delete_s3(key_id) is True and key_store.get_s3(key_id) is None
-
-
-# -- DictJobStore beyond the shared JobStore tests ----------------------------------------
-
-
-def test_ids_stay_unique_with_a_lagging_hint_and_racing_creators_inmemory_standin() -> None:
-    store = standin_job_store()
-    first = [store.create("k", params(), b"x", max_queue=999, max_per_key=999).id for _ in "abc"]
-    store._jobs.put("next_id", 1)  # as if a slower container wrote an old hint last
-    assert store.create("k", params(), b"x", max_queue=999, max_per_key=999).id == first[-1] + 1
-    with ThreadPoolExecutor(8) as pool:
-        ids = list(
-            pool.map(
-                lambda _: store.create("k", params(), b"x", max_queue=999, max_per_key=999).id,
-                range(40),
-            )
-        )
-    assert len(set(ids)) == 40 and min(ids) > first[-1] + 1
-
-
-def test_fail_stale_fails_only_old_active_jobs_inmemory_standin() -> None:
-    store = standin_job_store()
-    old, done = store.create("k", params(), b"x", max_queue=9, max_per_key=9), None
-    done = store.create("k", params(), b"x", max_queue=9, max_per_key=9)
-    store.fail(done.id, "boom")
-    assert store.fail_stale(old.created_at) == []
-    assert store.fail_stale(time.time() + 1) == [old.id]
-    lost = store.get(old.id)
-    assert lost is not None and lost.status is JobStatus.FAILED and store.queue_length() == 0
-
-
-# -- the service on Modal's seams, with stand-ins for Modal -------------------------------
-
-
 @dataclass
-class InlineCall:
-    """Stand-in for a `modal.FunctionCall`: the GPU run as a local task."""
+class InlineGpuCalls:
+    """Stand-in for spawning the GPU class: each call runs `GpuWorker.run` in a thread."""
 
-    task: asyncio.Future[list[str]]
+    worker: Callable[[list[str]], list[str]] | None = None
+    spawned: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    calls: dict[str, asyncio.Future[list[str]]] = field(default_factory=dict)
+    fail_spawn: bool = False
 
-    async def wait(self, timeout: float) -> None:
+    async def spawn(self, job_input: str) -> str:
+        if self.fail_spawn:
+            raise ConnectionError("modal is unreachable")
+        assert self.worker is not None
+        self.spawned.append(job_input)
+        call_id = f"fc-{len(self.spawned)}"
+        self.calls[call_id] = asyncio.ensure_future(asyncio.to_thread(self.worker, [job_input]))
+        return call_id
+
+    async def wait(self, call_id: str, timeout: float) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+            await asyncio.wait_for(asyncio.shield(self.calls[call_id]), timeout)
         except TimeoutError:
             return
 
-
-@dataclass
-class InlineLauncher:
-    """Stand-in for spawning the GPU class: runs `run_batch` in a thread, on the CPU."""
-
-    gpu: Callable[[list[int]], list[str]] | None = None
-    spawned: list[int] = field(default_factory=list)
-
-    async def spawn(self, job_id: int) -> GpuCall:
-        assert self.gpu is not None
-        self.spawned.append(job_id)
-        return InlineCall(asyncio.ensure_future(asyncio.to_thread(self.gpu, [job_id])))
+    async def cancel(self, call_id: str) -> None:
+        self.cancelled.append(call_id)
 
 
 @dataclass
 class ModalLike:
-    """A web-side and a GPU-side service sharing one (stand-in) state, as on Modal."""
+    """Web-side and GPU-side parts sharing one (stand-in) state, as on Modal."""
 
-    web: MagicMixService
-    gpu: MagicMixService
-    launcher: InlineLauncher
-    webhooks: list[list[int]]
+    web: ModalParts
+    gpu: ModalParts
+    calls: InlineGpuCalls
+    webhook_spawns: list[list[int]]
+    dicts: dict[str, InMemoryDict]
+
+    def dispatcher(self) -> ModalDispatcher:
+        return compose.dispatcher(self.web, self.calls, gpu_name="L40S")
+
+
+def modal_settings(tmp_path: Path, bucket: str, s3_server: str) -> Settings:
+    return Settings(
+        model="tiny",
+        data_dir=tmp_path,
+        api_keys=KEY,
+        secret_key=SECRET.decode(),
+        store_url=f"s3://{bucket}/outputs/",
+        s3_endpoint_url=s3_server,
+        public_url="https://ws--magicmix-web.modal.run",
+        allow_private_urls=True,
+        sync_wait_s=20,
+        webhook_schedule=(0.0, 0.05),
+    )
 
 
 @pytest.fixture
@@ -165,30 +123,19 @@ def modal_like(
     bucket: str,
     dummy_aws_env: dict[str, str],
 ) -> ModalLike:
-    settings = Settings(
-        model="tiny",
-        data_dir=tmp_path,
-        api_keys=KEY,
-        secret_key=SECRET.decode(),
-        store_url=f"s3://{bucket}/outputs/",
-        s3_endpoint_url=s3_server,
-        public_url="https://ws--magicmix-web.modal.run",
-        allow_private_urls=True,
-        sync_wait_s=20,
-        webhook_backoff_s=0.01,
-    )
-    state = standin_state()
-    launcher = InlineLauncher()
-    web = build_modal_service(settings, state, launcher, gpu="L40S")
-    gpu = build_modal_service(settings, state, InlineLauncher(), gpu="L40S")
-    webhooks: list[list[int]] = []
-    launcher.gpu = lambda ids: run_batch(gpu, engine, ids, webhooks.append)
-    return ModalLike(web, gpu, launcher, webhooks)
+    settings = modal_settings(tmp_path, bucket, s3_server)
+    dicts = standin_dicts()
+    spawns: list[list[int]] = []
+    web = compose.modal_parts(settings, dicts, spawns.append)
+    gpu_parts = compose.modal_parts(settings, dicts, spawns.append)
+    calls = InlineGpuCalls(worker=GpuWorker(gpu_parts, engine).run)
+    return ModalLike(web, gpu_parts, calls, spawns, dicts)
 
 
 @pytest.fixture
 def client(modal_like: ModalLike) -> Iterator[TestClient]:
-    with TestClient(create_app(modal_like.web)) as http:
+    service = compose.web_service(modal_like.web, modal_like.calls, gpu_name="L40S")
+    with TestClient(create_app(service)) as http:
         yield http
 
 
@@ -219,88 +166,173 @@ def test_magic_mix_runs_on_the_gpu_side_inline_standin_for_spawn(
 ) -> None:
     reply = client.post(MIX, json=mix_body(track_id="t-1")).json()
     assert reply["status"] == "success", reply
-    assert modal_like.launcher.spawned == [reply["id"]]
+    assert [parse_job_input(i)[0] for i in modal_like.calls.spawned] == [reply["id"]]
     url = reply["output"][0]
     assert url.startswith("https://ws--magicmix-web.modal.run/outputs/")
     png = client.get(url.removeprefix("https://ws--magicmix-web.modal.run"))
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
-    fetched = client.post(f"{API_BASE}/image_editing/fetch/{reply['id']}", json={"key": KEY})
+    fetched = client.post(f"{EDITING}/fetch/{reply['id']}", json={"key": KEY})
     assert fetched.json()["output"] == reply["output"]
-    assert modal_like.web.jobs.image(reply["id"]) is None  # the layout left the Dict
-    assert modal_like.web.jobs.queue_length() == 0 and modal_like.webhooks == []
-    details = client.post(f"{API_BASE}/image_editing/system_details", json={"key": KEY}).json()
+    assert modal_like.web.jobs.image(reply["id"]) is None  # the layout is gone with the job
+    assert modal_like.web.jobs.queue_length() == 0 and modal_like.webhook_spawns == []
+    details = client.post(f"{EDITING}/system_details", json={"key": KEY}).json()
     assert details["device"] == "cuda (L40S on Modal)" and details["dtype"] == "float16"
 
 
-def test_a_failed_spawn_fails_the_job_inline_standin_for_spawn(
+def test_layout_images_never_enter_a_dict_inmemory_standin(
     client: TestClient, modal_like: ModalLike
 ) -> None:
-    async def refuse(job_id: int) -> GpuCall:
-        raise ConnectionError("modal is unreachable")
+    """Dict values have a size limit: images go to the bucket, the Dict holds references."""
+    seen: list[Any] = []
+    for standin in modal_like.dicts.values():
+        put = standin.put
 
-    modal_like.launcher.spawn = refuse  # type: ignore[method-assign]
-    reply = client.post(MIX, json=mix_body()).json()
+        def recording(key: Any, value: Any, *, skip_if_exists: bool = False, put=put) -> bool:
+            seen.append(value)
+            return put(key, value, skip_if_exists=skip_if_exists)
+
+        standin.put = recording  # type: ignore[method-assign]
+    assert client.post(MIX, json=mix_body()).json()["status"] == "success"
+    assert seen and all(LAYOUT not in pickled(value) for value in seen)
+    assert max(len(pickled(value)) for value in seen) < 8192
+
+
+def pickled(value: Any) -> bytes:
+    return pickle.dumps(value)
+
+
+def test_a_failed_spawn_fails_the_job_and_owes_its_webhook_inline_standin(
+    client: TestClient, modal_like: ModalLike
+) -> None:
+    modal_like.calls.fail_spawn = True
+    reply = client.post(MIX, json=mix_body(webhook="http://127.0.0.1:9/hook")).json()
     assert reply["status"] == "failed" and "could not be started" in reply["message"]
+    assert modal_like.webhook_spawns == [[reply["id"]]]
+    job = modal_like.web.jobs.get(reply["id"])
+    assert job is not None and job.webhook_due
 
 
-def test_a_crashed_gpu_run_fails_the_job_inline_standin_for_spawn(
+def test_a_crashed_gpu_run_fails_the_job_inline_standin(
     client: TestClient, modal_like: ModalLike
 ) -> None:
-    def crash(job_ids: list[int]) -> list[str]:
+    def crash(job_inputs: list[str]) -> list[str]:
         raise RuntimeError("container killed")
 
-    modal_like.launcher.gpu = crash
+    modal_like.calls.worker = crash
     reply = client.post(MIX, json=mix_body()).json()
     assert reply["status"] == "failed" and "GPU worker stopped" in reply["message"]
 
 
-def small_job(service: MagicMixService, **overrides: Any) -> int:
+def queued_job(parts: ModalParts, **overrides: Any) -> int:
     """A queued job small enough to mix in well under a second on the tiny model."""
-    job = service.jobs.create(
-        KEY_ID,
-        params(width=64, height=64, steps=2, **overrides),
-        LAYOUT,
-        max_queue=9,
-        max_per_key=9,
-    )
-    return job.id
+    return parts.lifecycle.create(
+        KEY_ID, params(width=256, height=256, steps=2, **overrides), LAYOUT
+    ).id
 
 
-def test_run_batch_skips_cancelled_jobs_and_webhooks_leave_once_inmemory_standin(
+def test_a_batch_skips_cancelled_jobs_and_webhooks_leave_once_inmemory_standin(
     modal_like: ModalLike, engine: MagicMixEngine
 ) -> None:
-    gpu = modal_like.gpu
+    parts = modal_like.gpu
     with LoopbackServer() as receiver:
         receiver.route("/hook", respond(200))
-        cancelled = small_job(gpu)
-        gpu.jobs.cancel_queued()
-        hooked = small_job(gpu, webhook=receiver.url("/hook"), track_id=5)
-        statuses = run_batch(gpu, engine, [cancelled, hooked], modal_like.webhooks.append)
-        assert statuses == ["cancelled", "success"] and modal_like.webhooks == [[hooked]]
-        asyncio.run(deliver_webhooks(gpu, [hooked]))
-        asyncio.run(deliver_webhooks(gpu, [hooked]))  # a retried call sends nothing
-    (request,) = receiver.requests
-    payload = Webhook(gpu.keys.webhook_secret(KEY_ID)).verify(request.body, request.headers)
-    assert payload["status"] == "success" and payload["track_id"] == 5
-    stored = gpu.jobs.get(hooked)
-    assert stored is not None and stored.webhook_state == "delivered"
+        cancelled = queued_job(parts, webhook=receiver.url("/hook"))
+        assert parts.lifecycle.cancel(cancelled) is not None
+        hooked = queued_job(parts, webhook=receiver.url("/hook"), track_id=5)
+        worker = GpuWorker(parts, engine)
+        statuses = worker.run([f"{cancelled}:a", f"{hooked}:b"])
+        assert statuses == ["cancelled", "success"]
+        assert sorted(i for ids in modal_like.webhook_spawns for i in ids) == [cancelled, hooked]
+        asyncio.run(compose.deliver_webhooks(parts, [cancelled, hooked]))
+        asyncio.run(compose.deliver_webhooks(parts, [cancelled, hooked]))  # sends nothing
+    assert len(receiver.requests) == 2
+    by_id = {}
+    for request in receiver.requests:
+        payload = Webhook(parts.keys.webhook_secret(KEY_ID)).verify(request.body, request.headers)
+        by_id[payload["id"]] = (payload, request.headers["webhook-id"])
+    assert by_id[hooked][0]["status"] == "success" and by_id[hooked][0]["track_id"] == 5
+    assert by_id[cancelled][0]["status"] == "failed"
+    assert by_id[hooked][1] == f"magicmix-job-{hooked}"
+    for job_id in (cancelled, hooked):
+        job = parts.jobs.get(job_id)
+        assert job is not None and job.webhook is not None and job.webhook.phase == "delivered"
 
 
-def test_cleanup_expires_outputs_and_fails_lost_jobs_inmemory_standin(
-    modal_like: ModalLike,
+def test_a_retried_input_reclaims_its_job_but_a_second_input_does_not(
+    modal_like: ModalLike, engine: MagicMixEngine
 ) -> None:
-    service = modal_like.gpu
-    done, lost = small_job(service), small_job(service)
-    service.outputs.put("done.png", b"png")
-    service.jobs.finish(
-        done,
-        JobResult(output=["u"], generation_time=1, stored_in="service", object_names=["done.png"]),
-    )
-    service.settings.retention_hours = 1e-9
-    modal_backend.cleanup(service, now=time.time() + modal_backend.STALE_AFTER_S + 1)
-    expired, failed = service.jobs.get(done), service.jobs.get(lost)
-    assert expired is not None and expired.status is JobStatus.EXPIRED
-    assert failed is not None and failed.status is JobStatus.FAILED
+    parts = modal_like.gpu
+    job_id = queued_job(parts)
+    assert parts.lifecycle.claim(job_id, "token-1") is not None  # first attempt, then it died
+    worker = GpuWorker(parts, engine)
+    assert worker.run([f"{job_id}:token-2"]) == ["processing"]  # a duplicate spawn skips
+    assert worker.run([f"{job_id}:token-1"]) == ["success"]  # Modal's retry runs it
+
+
+def test_a_cancelled_batch_requeues_what_it_claimed(
+    modal_like: ModalLike, engine: MagicMixEngine
+) -> None:
+    class Cancelled(BaseException):
+        """Like modal's InputCancellation, a BaseException raised into the batch."""
+
+    class Engine:
+        def mix(self, requests: Any, *, progress: bool = False) -> Any:
+            raise Cancelled
+
+    parts = modal_like.gpu
+    job_id = queued_job(parts)
+    with pytest.raises(Cancelled):
+        GpuWorker(parts, Engine()).run([f"{job_id}:t"])  # type: ignore[arg-type]
+    job = parts.jobs.get(job_id)
+    assert job is not None and job.status is JobStatus.QUEUED
+
+
+def test_clear_queue_cancels_the_jobs_and_their_spawned_calls_inline_standin(
+    client: TestClient, modal_like: ModalLike
+) -> None:
+    gate = threading.Event()
+    real = modal_like.calls.worker
+    assert real is not None
+
+    def held(job_inputs: list[str]) -> list[str]:
+        gate.wait(60)
+        return real(job_inputs)
+
+    modal_like.calls.worker = held
+    modal_like.web.settings.sync_wait_s = 0  # answer `processing` at once
+    replies = [client.post(MIX, json=mix_body(seed=i)) for i in range(2)]
+    ids = [r.json()["id"] for r in replies if r.json()["status"] == "processing"]
+    assert len(ids) == 2, [r.json() for r in replies]
+    cleared = client.post(f"{EDITING}/clear_queue", json={"key": KEY}).json()
+    assert cleared["message"] == "cancelled 2 queued jobs"
+    assert modal_like.calls.cancelled == ["fc-1", "fc-2"]
+    gate.set()  # the stand-in's "calls" run anyway: their claims are refused
+    for call in list(modal_like.calls.calls.values()):
+        client.portal.call(lambda call=call: asyncio.wait_for(asyncio.shield(call), 30))  # type: ignore[union-attr]
+    for job_id in ids:
+        job = modal_like.web.jobs.get(job_id)
+        assert job is not None and job.status is JobStatus.CANCELLED
+
+
+def test_the_sweep_expires_fails_and_respawns_inmemory_standin(modal_like: ModalLike) -> None:
+    parts = modal_like.gpu
+    earlier = Lifecycle(parts.jobs, parts.lifecycle.limits, clock=lambda: time.time() - 1000)
+    done, lost_spawn, stuck = (earlier.create(KEY_ID, params(steps=2), LAYOUT).id for _ in range(3))
+    claimed = earlier.claim(done, "t")
+    assert claimed is not None and earlier.claim(stuck, "t") is not None
+    result = JobResult(output=["u"], generation_time=1, stored_in="service", object_names=["x"])
+    earlier.finish(claimed, result)
+    parts.settings.retention_hours = 0.1  # 360 s: the success 1000 s ago expires
+    parts.settings.stale_processing_s = 500  # the claim 1000 s ago is stuck
+    modal_like.calls.worker = lambda inputs: ["queued"]  # the respawned call runs nothing
+    asyncio.run(compose.run_sweep(parts, modal_like.dispatcher()))
+    status = {i: job.status for i in (done, lost_spawn, stuck) if (job := parts.jobs.get(i))}
+    assert status == {
+        done: JobStatus.EXPIRED,
+        lost_spawn: JobStatus.QUEUED,
+        stuck: JobStatus.FAILED,
+    }
+    assert [parse_job_input(i)[0] for i in modal_like.calls.spawned] == [lost_spawn]
 
 
 # -- composition, weights ---------------------------------------------------------------
@@ -310,9 +342,9 @@ def test_modal_settings_default_public_url_to_the_web_function(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = "https://ws--magicmix-web.modal.run"
-    assert modal_backend.modal_settings(url + "/").public_url == url
+    assert compose.modal_settings(url + "/").public_url == url
     monkeypatch.setenv("MAGICMIX_PUBLIC_URL", "https://mix.example.com")
-    assert modal_backend.modal_settings(url).public_url == "https://mix.example.com"
+    assert compose.modal_settings(url).public_url == "https://mix.example.com"
 
 
 @pytest.mark.parametrize(
@@ -322,25 +354,27 @@ def test_modal_settings_default_public_url_to_the_web_function(
         ({"secret_key": "s", "store_url": "file:///tmp/x"}, "MAGICMIX_STORE_URL"),
     ],
 )
-def test_build_modal_service_refuses_what_cannot_work_on_modal(
+def test_modal_parts_refuse_what_cannot_work_on_modal(
     tmp_path: Path, overrides: dict[str, Any], needs: str
 ) -> None:
-    state = ModalState(InMemoryDict(), InMemoryDict(), InMemoryDict(), InMemoryDict())
     with pytest.raises(RuntimeError, match=needs):
-        build_modal_service(
-            Settings(data_dir=tmp_path, **overrides), state, InlineLauncher(), gpu="L40S"
+        compose.modal_parts(
+            Settings(data_dir=tmp_path, **overrides),
+            standin_dicts(),
+            lambda ids: None,
+            layouts=LocalStore(tmp_path / "layouts"),
         )
 
 
 def test_download_asks_the_hub_for_the_fp16_files_only(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(
-        modal_backend,
-        "snapshot_download",
-        lambda repo, **kw: calls.append((repo, kw)) or "/cache/hf/x",
+        weights, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)) or "/cache/hf/x"
     )
-    modal_backend.download_weights(Settings(model="org/model", model_revision="abc123"))
-    assert calls == [("org/model", {"revision": "abc123", "allow_patterns": HUB_ALLOW_PATTERNS})]
+    weights.download_weights(Settings(model="org/model", model_revision="abc123"))
+    assert calls == [
+        ("org/model", {"revision": "abc123", "allow_patterns": weights.HUB_ALLOW_PATTERNS})
+    ]
 
 
 def test_weights_load_without_touching_cuda(
@@ -352,6 +386,6 @@ def test_weights_load_without_touching_cuda(
         raise AssertionError("CUDA queried while loading for the snapshot")
 
     monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
-    components = modal_backend.load_weights(Settings(model=str(tiny_model_dir)))
+    components = load_for_snapshot(Settings(model=str(tiny_model_dir)))
     for module in (components.unet, components.vae, components.text_encoder):
         assert module.device.type == "cpu" and module.dtype == torch.float16

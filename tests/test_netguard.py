@@ -14,7 +14,7 @@ import pytest
 from http_fixtures import LoopbackServer, redirect, respond
 
 from magicmix.errors import InvalidInput
-from magicmix.netguard import RefusedAddress, check_url, guarded_async_client
+from magicmix.inputs.netguard import RefusedAddress, check_url, guarded_async_client
 
 LOOPBACK_AND_PRIVATE = [
     "http://localhost/",

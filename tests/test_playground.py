@@ -22,7 +22,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from magicmix.server import STATIC_DIR
+from magicmix.http.routes.files import STATIC_DIR
 from tests.conftest import make_layout_image
 from tests.service_fixtures import API, RunningService
 

@@ -11,6 +11,7 @@ import pytest
 from mypy_boto3_s3 import S3Client
 from PIL import Image
 
+from magicmix.service import sweep
 from tests.http_fixtures import LoopbackServer
 from tests.s3_server import DUMMY_KEY_ID, DUMMY_SECRET
 from tests.service_fixtures import API, RunningService, serve, service_settings
@@ -169,8 +170,8 @@ def test_service_store_on_s3_serves_and_expires_outputs(
         app.service.jobs._db.connection().execute(  # type: ignore[attr-defined]
             "UPDATE jobs SET finished_at = finished_at - 10 WHERE id = ?", (reply["id"],)
         )
-        removed, expired = app.service.cleanup()
-        assert removed == [name] and expired == [reply["id"]]
+        report = sweep(app.service.lifecycle, app.service.outputs, app.service.settings)
+        assert report.removed == [name] and report.expired == [reply["id"]]
         assert app.http.get(url).status_code == 404
         assert app.fetch(reply["id"]).status_code == 410
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])]

@@ -32,10 +32,10 @@ from typing import Any
 import httpx
 import pytest
 
+from magicmix.backends.local.compose import open_key_store
+from magicmix.backends.local.db import Database
+from magicmix.backends.local.keys import SqliteKeyStore
 from magicmix.crypto import SecretBox
-from magicmix.db import Database
-from magicmix.keys import SqliteKeyStore
-from magicmix.local import open_key_store
 from tests.http_fixtures import LoopbackServer, respond
 from tests.s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION
 from tests.service_fixtures import API, MIX, RunningService, serve, service_settings

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from standardwebhooks import Webhook
 
-from magicmix.schemas import SEED_EXAMPLE
+from magicmix.http.schemas import SEED_EXAMPLE
+from magicmix.service import sweep
 from tests.conftest import make_layout_image
 from tests.http_fixtures import LoopbackServer, free_port, respond
 from tests.service_fixtures import API, MIX, RunningService, png, serve, service_settings
@@ -329,13 +330,13 @@ def test_webhook_receiver_down_is_retried_and_job_stays_fetchable(
         reply = running.mix(
             image=image_host.url("/layout.png"), seed=1, webhook=receiver.url("/hook")
         ).json()
-        attempts = running.settings.webhook_max_attempts
+        attempts = len(running.settings.webhook_schedule)
         _wait_for(lambda: len(receiver.requests) >= attempts, timeout=20)
         ids = {r.headers.get("webhook-id") for r in receiver.requests}
         assert len(ids) == 1  # the same message id on every retry
     assert running.fetch(reply["id"]).json()["status"] == "success"
-    _wait_for(lambda: running.service.jobs.get(reply["id"]).webhook_state == "failed")
-    assert running.service.jobs.get(reply["id"]).webhook_attempts == attempts
+    _wait_for(lambda: running.service.jobs.get(reply["id"]).webhook.phase == "failed")
+    assert running.service.jobs.get(reply["id"]).webhook.attempts == attempts
 
 
 def _wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -372,9 +373,9 @@ def test_cleanup_removes_only_expired_outputs(
     running.service.jobs._db.connection().execute(  # the job finished 25 h ago, too
         "UPDATE jobs SET finished_at = ? WHERE id = ?", (past, old["id"])
     )
-    removed, expired = running.service.cleanup()
-    assert old_name in removed and old["id"] in expired
-    assert new["output"][0].rsplit("/", 1)[1] not in removed
+    report = sweep(running.service.lifecycle, running.service.outputs, running.settings)
+    assert old_name in report.removed and old["id"] in report.expired
+    assert new["output"][0].rsplit("/", 1)[1] not in report.removed
     gone = running.fetch(old["id"])
     assert gone.status_code == 410 and "deleted after 24 hours" in gone.json()["message"]
     assert running.http.get(old["output"][0]).status_code == 404

@@ -13,7 +13,7 @@ import pytest
 
 from magicmix import errors
 from magicmix.config import Settings
-from magicmix.storage import LocalStore, OutputStore, S3Store, open_store
+from magicmix.outputs.store import LocalStore, OutputStore, S3Store, open_store
 from tests.s3_server import DUMMY_KEY_ID, DUMMY_SECRET, seed_objects
 
 if TYPE_CHECKING:

@@ -11,11 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from magicmix.cli import app
-from magicmix.config import get_settings
-from magicmix.engine import MagicMixEngine
-from magicmix.errors import InvalidInput
-from magicmix.mix_request import MixRequest
-from magicmix.sweep import (
+from magicmix.cli.sweep import (
     BACKGROUND,
     HEADER_HEIGHT,
     LABEL_WIDTH,
@@ -28,6 +24,10 @@ from magicmix.sweep import (
     run_sweep,
     sheet_size,
 )
+from magicmix.config import get_settings
+from magicmix.engine import MagicMixEngine
+from magicmix.errors import InvalidInput
+from magicmix.request import MixRequest
 from tests.conftest import make_layout_image
 
 
@@ -113,7 +113,7 @@ def test_sweep_command_writes_the_sheet_and_the_runs(
     out = tmp_path / "grid.png"
     args = ["sweep", "--image", str(layout), "--prompt", "bed", "--out", str(out)]
     args += ["--kmin", "0.2,0.7", "--kmax", "0.5,0.6", "--mix-factor", "0.3,0.7", "--steps", "10"]
-    args += ["--width", "128", "--height", "128"]
+    args += ["--width", "256", "--height", "256"]
     try:
         result = CliRunner().invoke(app, [*args, "--seed", "11"])
     finally:
@@ -122,7 +122,7 @@ def test_sweep_command_writes_the_sheet_and_the_runs(
     assert "skipped kmin=0.7 > kmax=0.5" in result.output
     sheet = Image.open(out)
     plan_rows = [(0.2, 0.5), (0.2, 0.6)]
-    assert sheet.size == (LABEL_WIDTH + 2 * (128 + 6), TITLE_HEIGHT + HEADER_HEIGHT + 2 * (128 + 6))
+    assert sheet.size == (LABEL_WIDTH + 2 * (256 + 6), TITLE_HEIGHT + HEADER_HEIGHT + 2 * (256 + 6))
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["axes"]["rows"] == [{"kmin": a, "kmax": b} for a, b in plan_rows]
     assert report["skipped"] == [

@@ -18,8 +18,8 @@ from moto.core.authorization import enable_iam_authentication
 
 from magicmix import errors
 from magicmix.crypto import SecretBox
-from magicmix.storage import make_s3_client
-from magicmix.user_s3 import PRESIGN_SECONDS, S3Details, UserBucket
+from magicmix.outputs.s3 import make_s3_client
+from magicmix.outputs.user_bucket import PRESIGN_SECONDS, S3Details, UserBucket
 from tests.s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION
 
 if TYPE_CHECKING:

@@ -1,4 +1,9 @@
-"""Webhooks: Standard Webhooks signatures, bounded retries with backoff, no exceptions."""
+"""Webhooks: Standard Webhooks signatures, one attempt per due time, a persisted schedule.
+
+Real HTTP to a loopback receiver, a real SQLite job store, and a fake clock for the
+schedule: the retry schedule is exercised to its end, across a restart (a new store and
+sender over the same database), without waiting for it.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,36 @@ import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from http_fixtures import Handler, LoopbackServer, free_port, respond
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from magicmix.config import Settings
-from magicmix.webhooks import DeliveryOutcome, deliver_webhook, new_signing_secret, sign_headers
+from magicmix.backends.local.db import Database
+from magicmix.backends.local.jobs import SqliteJobStore
+from magicmix.backends.local.keys import SqliteKeyStore
+from magicmix.config import WEBHOOK_SCHEDULE, Settings
+from magicmix.crypto import SecretBox
+from magicmix.jobs import JobRecord, QueueLimits, WebhookState
+from magicmix.keys import new_signing_secret
+from magicmix.lifecycle import Lifecycle
+from magicmix.webhooks import Attempt, WebhookSender, next_state, sign_headers
+from tests.http_fixtures import Handler, LoopbackServer, free_port, respond
+from tests.test_jobs import Clock, params
 
-PAYLOAD = {"status": "success", "id": 511, "output": ["http://x/511-0.png"], "track_id": "t-1"}
-BACKOFF_S = 0.5
+SECRET = b"webhook-test-secret"
+OPERATOR = "operator-key"
 
 
-def statuses(*codes: int) -> Handler:
+def statuses(*codes: int, headers: dict[str, str] | None = None) -> Handler:
     """A handler answering the given status codes in turn, then 200."""
     remaining = list(codes)
 
     def handle(request: BaseHTTPRequestHandler) -> None:
-        respond(remaining.pop(0) if remaining else 200)(request)
+        respond(remaining.pop(0) if remaining else 200, headers=headers)(request)
 
     return handle
 
@@ -39,11 +53,11 @@ def too_slow(request: BaseHTTPRequestHandler) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[LoopbackServer]:
+def receiver() -> Iterator[LoopbackServer]:
     with LoopbackServer() as running:
         running.route("/ok", respond(204))
-        running.route("/flaky", statuses(500, 500))
-        running.route("/busy", statuses(429))
+        running.route("/down", respond(503))
+        running.route("/gone", respond(410))
         running.route("/bad", respond(400, b"nope"))
         running.route("/slow", too_slow)
         yield running
@@ -51,36 +65,46 @@ def server() -> Iterator[LoopbackServer]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        data_dir=tmp_path,
-        allow_private_urls=True,
-        webhook_max_attempts=3,
-        webhook_backoff_s=BACKOFF_S,
-        webhook_timeout_s=0.3,
-    )
+    return Settings(data_dir=tmp_path, allow_private_urls=True, webhook_timeout_s=0.3)
 
 
-class SleepLog:
-    """Stands in for asyncio.sleep: records the delays, waits for none."""
+class World:
+    """A job store, keys and a sender over one SQLite file, on a fake clock."""
 
-    def __init__(self) -> None:
-        self.delays: list[float] = []
+    def __init__(self, path: Path, settings: Settings, clock: Clock) -> None:
+        db = Database(path)
+        self.jobs = SqliteJobStore(db)
+        self.keys = SqliteKeyStore(db, SecretBox(SECRET), SECRET, [OPERATOR])
+        self.lifecycle = Lifecycle(self.jobs, QueueLimits(99, 99), clock=clock)
+        self.sender = WebhookSender(self.jobs, self.keys, settings, clock=clock)
+        self.principal = self.keys.authenticate(OPERATOR)
 
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
+    def ended_job(self, url: str) -> JobRecord:
+        job = self.lifecycle.create(self.principal.key_id, params(webhook=url, track_id=9), b"i")
+        ended = self.lifecycle.fail(job.id, "it broke")
+        assert ended is not None
+        return ended
 
+    def send_due(self) -> list[WebhookState]:
+        return asyncio.run(self.sender.send_due())
 
-def deliver(url: str, settings: Settings, sleep: SleepLog, secret: str) -> DeliveryOutcome:
-    return asyncio.run(
-        deliver_webhook(
-            url, PAYLOAD, secret=secret, msg_id="msg_511", settings=settings, sleep=sleep
-        )
-    )
+    def webhook(self, job_id: int) -> WebhookState:
+        job = self.jobs.get(job_id)
+        assert job is not None and job.webhook is not None
+        return job.webhook
 
 
 @pytest.fixture
-def secret() -> str:
-    return new_signing_secret()
+def clock() -> Clock:
+    return Clock(time.time())
+
+
+@pytest.fixture
+def world(tmp_path: Path, settings: Settings, clock: Clock) -> World:
+    return World(tmp_path / "db.sqlite3", settings, clock)
+
+
+# -- signing ------------------------------------------------------------------------------
 
 
 def test_new_secret_has_the_spec_form() -> None:
@@ -90,7 +114,8 @@ def test_new_secret_has_the_spec_form() -> None:
     assert first != second
 
 
-def test_signed_headers_verify_with_the_reference_library(secret: str) -> None:
+def test_signed_headers_verify_with_the_reference_library() -> None:
+    secret = new_signing_secret()
     body = b'{"id":1,"status":"success"}'
     headers = sign_headers(secret, "msg_1", body, datetime.now(UTC))
     assert Webhook(secret).verify(body, headers) == {"id": 1, "status": "success"}
@@ -99,89 +124,158 @@ def test_signed_headers_verify_with_the_reference_library(secret: str) -> None:
         Webhook(new_signing_secret()).verify(body, headers)
 
 
-def test_signature_is_the_same_in_any_time_zone(secret: str) -> None:
+def test_signature_is_the_same_in_any_time_zone() -> None:
+    secret = new_signing_secret()
     now = datetime.now(UTC).replace(microsecond=0)
     elsewhere = now.astimezone(timezone(timedelta(hours=5, minutes=30)))
     assert sign_headers(secret, "m", b"{}", now) == sign_headers(secret, "m", b"{}", elsewhere)
 
 
-def test_delivered_and_verifiable(
-    server: LoopbackServer, settings: Settings, secret: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    sleep = SleepLog()
-    with caplog.at_level(logging.INFO, logger="magicmix.webhooks"):
-        outcome = deliver(server.url("/ok"), settings, sleep, secret)
-    assert outcome == DeliveryOutcome(delivered=True, attempts=1, status_code=204, error=None)
-    [request] = server.requests
-    assert request.method == "POST"
-    assert Webhook(secret).verify(request.body, request.headers) == PAYLOAD
-    assert request.headers["webhook-id"] == "msg_511"
-    assert sleep.delays == []
-    assert "msg_511" in caplog.text
-    assert secret not in caplog.text
-    assert "track_id" not in caplog.text
+# -- the schedule, as a function ------------------------------------------------------------
 
 
-def test_retries_server_errors_with_backoff(
-    server: LoopbackServer, settings: Settings, secret: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    sleep = SleepLog()
-    with caplog.at_level(logging.INFO, logger="magicmix.webhooks"):
-        outcome = deliver(server.url("/flaky"), settings, sleep, secret)
-    assert outcome == DeliveryOutcome(delivered=True, attempts=3, status_code=200, error=None)
-    assert len(server.requests) == 3
-    for request in server.requests:
-        Webhook(secret).verify(request.body, request.headers)
-    first, second = sleep.delays
-    assert BACKOFF_S <= first <= 2 * BACKOFF_S
-    assert 2 * BACKOFF_S <= second <= 3 * BACKOFF_S
-    assert len([r for r in caplog.records if "attempt" in r.getMessage()]) == 3
+def test_the_schedule_is_standard_webhooks_offsets_after_the_end() -> None:
+    assert WEBHOOK_SCHEDULE == (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
+    state, ended_at, times = WebhookState(), 1000.0, []
+    failure = Attempt(503, "down", retry=True)
+    while state.phase == "pending":
+        now = state.next_at if state.next_at is not None else ended_at
+        times.append(now - ended_at)
+        state = next_state(state, failure, ended_at=ended_at, now=now, schedule=WEBHOOK_SCHEDULE)
+    assert times == list(WEBHOOK_SCHEDULE) and state.phase == "failed"
+    assert state.attempts == 10 and state.last_status == 503
 
 
-def test_retries_429(server: LoopbackServer, settings: Settings, secret: str) -> None:
-    outcome = deliver(server.url("/busy"), settings, SleepLog(), secret)
-    assert (outcome.delivered, outcome.attempts) == (True, 2)
-
-
-def test_client_error_is_not_retried(
-    server: LoopbackServer, settings: Settings, secret: str
-) -> None:
-    sleep = SleepLog()
-    outcome = deliver(server.url("/bad"), settings, sleep, secret)
-    assert outcome == DeliveryOutcome(
-        delivered=False, attempts=1, status_code=400, error="the receiver answered HTTP 400"
+def test_retry_after_pushes_the_next_attempt_gone_stops_and_4xx_is_final() -> None:
+    first = WebhookState()
+    later = next_state(
+        first,
+        Attempt(429, "busy", retry=True, retry_after_s=120),
+        ended_at=0,
+        now=0,
+        schedule=WEBHOOK_SCHEDULE,
     )
-    assert len(server.requests) == 1
-    assert sleep.delays == []
+    assert later.phase == "pending" and later.next_at == 120  # not 5 s: the receiver asked
+    soon = next_state(
+        first,
+        Attempt(503, "x", retry=True, retry_after_s=1),
+        ended_at=0,
+        now=0,
+        schedule=WEBHOOK_SCHEDULE,
+    )
+    assert soon.next_at == 5  # a Retry-After never brings an attempt forward
+    gone = next_state(first, Attempt(410, "gone", gone=True), ended_at=0, now=0, schedule=(0, 5))
+    bad = next_state(first, Attempt(400, "bad"), ended_at=0, now=0, schedule=(0, 5))
+    ok = next_state(first, Attempt(200, None), ended_at=0, now=0, schedule=(0, 5))
+    assert (gone.phase, bad.phase, ok.phase) == ("stopped", "failed", "delivered")
 
 
-def test_receiver_down_gives_up_after_max_attempts(settings: Settings, secret: str) -> None:
-    sleep = SleepLog()
-    outcome = deliver(f"http://127.0.0.1:{free_port()}/hook", settings, sleep, secret)
-    assert not outcome.delivered
-    assert outcome.attempts == 3
-    assert outcome.status_code is None
-    assert outcome.error is not None and "could not connect" in outcome.error
-    assert len(sleep.delays) == 2
+# -- delivery over HTTP ---------------------------------------------------------------------
 
 
-def test_slow_receiver_times_out(server: LoopbackServer, settings: Settings, secret: str) -> None:
-    once = settings.model_copy(update={"webhook_max_attempts": 1})
+def test_delivered_signed_with_the_keys_secret_and_logged_without_secrets(
+    world: World, receiver: LoopbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = world.ended_job(receiver.url("/ok?token=s3cr3t"))
+    with caplog.at_level(logging.INFO, logger="magicmix.webhooks"):
+        assert [s.phase for s in world.send_due()] == ["delivered"]
+    [request] = receiver.requests
+    payload = Webhook(world.principal.webhook_secret).verify(request.body, request.headers)
+    assert payload == {"status": "failed", "id": job.id, "message": "it broke", "track_id": 9}
+    assert request.headers["webhook-id"] == f"magicmix-job-{job.id}"
+    assert world.webhook(job.id) == WebhookState(phase="delivered", attempts=1, last_status=204)
+    assert world.send_due() == []  # delivered once
+    assert f"job {job.id}" in caplog.text
+    for secret in ("s3cr3t", world.principal.webhook_secret, "it broke"):
+        assert secret not in caplog.text
+
+
+def test_the_schedule_runs_to_its_end_across_a_restart(
+    tmp_path: Path, settings: Settings, clock: Clock, receiver: LoopbackServer
+) -> None:
+    """Same webhook-id every time; a new process resumes where the last one stopped."""
+    path = tmp_path / "db.sqlite3"
+    world = World(path, settings, clock)
+    job = world.ended_job(receiver.url("/down"))
+    ended_at = clock.now
+    for attempt, offset in enumerate(WEBHOOK_SCHEDULE):
+        if attempt == 4:  # a restart: nothing in memory survives
+            world = World(path, settings, clock)
+        if attempt:
+            clock.now = ended_at + offset - 0.5
+            assert world.send_due() == [], f"attempt {attempt} ran before it was due"
+        clock.now = ended_at + offset
+        [state] = world.send_due()
+    assert state.phase == "failed" and state.attempts == len(WEBHOOK_SCHEDULE)
+    assert len(receiver.requests) == len(WEBHOOK_SCHEDULE)
+    assert {r.headers["webhook-id"] for r in receiver.requests} == {f"magicmix-job-{job.id}"}
+    clock.now += 10**6
+    assert world.send_due() == []
+
+
+def test_a_receiver_back_up_gets_it_on_the_next_attempt(
+    world: World, receiver: LoopbackServer, clock: Clock
+) -> None:
+    receiver.route("/flaky", statuses(500, 500))
+    job = world.ended_job(receiver.url("/flaky"))
+    world.send_due()
+    clock.now += 5
+    world.send_due()
+    clock.now += 300
+    [state] = world.send_due()
+    assert state.phase == "delivered" and state.attempts == 3
+    assert world.webhook(job.id).phase == "delivered"
+
+
+def test_retry_after_header_is_honoured(
+    world: World, receiver: LoopbackServer, clock: Clock
+) -> None:
+    receiver.route("/busy", statuses(429, headers={"Retry-After": "600"}))
+    later = datetime.now(UTC) + timedelta(seconds=900)
+    receiver.route("/dated", statuses(503, headers={"Retry-After": format_datetime(later, True)}))
+    busy, dated = world.ended_job(receiver.url("/busy")), world.ended_job(receiver.url("/dated"))
+    world.send_due()
+    assert world.webhook(busy.id).next_at == pytest.approx(clock.now + 600)
+    assert world.webhook(dated.id).next_at == pytest.approx(clock.now + 900, abs=2)
+
+
+def test_410_stops_deliveries_and_a_4xx_is_final(
+    world: World, receiver: LoopbackServer, clock: Clock
+) -> None:
+    gone, bad = world.ended_job(receiver.url("/gone")), world.ended_job(receiver.url("/bad"))
+    world.send_due()
+    assert world.webhook(gone.id).phase == "stopped"
+    assert world.webhook(bad.id) == WebhookState(
+        phase="failed", attempts=1, last_status=400, last_error="the receiver answered HTTP 400"
+    )
+    clock.now += 10**6
+    assert world.send_due() == [] and len(receiver.requests) == 2
+
+
+def test_receiver_down_or_slow_is_retried(
+    world: World, receiver: LoopbackServer, clock: Clock
+) -> None:
+    down = world.ended_job(f"http://127.0.0.1:{free_port()}/hook")
+    slow = world.ended_job(receiver.url("/slow"))
     started = time.monotonic()
-    outcome = deliver(server.url("/slow"), once, SleepLog(), secret)
-    assert time.monotonic() - started < 0.9
-    assert outcome.error == "the receiver did not answer within 0.3 s"
+    world.send_due()
+    assert time.monotonic() - started < 0.9  # the slow receiver was cut off at 0.3 s
+    down_state, slow_state = world.webhook(down.id), world.webhook(slow.id)
+    assert down_state.phase == "pending" and "could not connect" in (down_state.last_error or "")
+    assert slow_state.last_error == "the receiver did not answer within 0.3 s"
+    assert down_state.next_at == pytest.approx(clock.now + 5)
 
 
 @pytest.mark.parametrize("allow_private", [False, True])
-def test_refused_url_sends_nothing(
-    server: LoopbackServer, settings: Settings, secret: str, allow_private: bool
+def test_a_refused_url_sends_nothing(
+    tmp_path: Path, receiver: LoopbackServer, clock: Clock, allow_private: bool
 ) -> None:
     """Loopback without the dev switch, and the metadata address with it: no request made."""
-    url = server.url("/ok") if not allow_private else "http://169.254.169.254/hook"
-    strict = settings.model_copy(update={"allow_private_urls": allow_private})
-    outcome = deliver(url, strict, SleepLog(), secret)
-    assert not outcome.delivered
-    assert outcome.attempts == 0
-    assert outcome.error is not None and outcome.error.startswith("webhook URL points to")
-    assert server.requests == []
+    strict = Settings(data_dir=tmp_path, allow_private_urls=allow_private)
+    world = World(tmp_path / "db.sqlite3", strict, clock)
+    url = receiver.url("/ok") if not allow_private else "http://169.254.169.254/hook"
+    job = world.ended_job(url)
+    world.send_due()
+    state = world.webhook(job.id)
+    assert state.phase == "failed" and (state.last_error or "").startswith("webhook URL points to")
+    assert receiver.requests == []

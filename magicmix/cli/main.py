@@ -1,14 +1,19 @@
-"""The `magicmix` command line: thin wrappers over the engine and the service."""
+"""The `magicmix` commands. Heavy imports (torch, uvicorn) happen inside the commands."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from magicmix.cli.options import ImageOption, PromptOption, fail, mix_params, option
+from magicmix.cli.sweep import sweep_command
 from magicmix.config import Settings, get_settings
 from magicmix.errors import MagicMixError
+from magicmix.planner.cli import plan_command
+from magicmix.request import default
 
 app = typer.Typer(
     help="MagicMix semantic image mixing: keep an image's layout, give it a prompt's content.",
@@ -16,46 +21,37 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def fail(message: str) -> typer.Exit:
-    """Print a one-line error on stderr; the caller raises the returned exit."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
+app.command("sweep")(sweep_command)
+app.command("plan")(plan_command)
 
 
 @app.command()
 def mix(
-    image: Annotated[str, typer.Option(help="Layout image: a local path or an http(s) URL.")],
-    prompt: Annotated[str, typer.Option(help="Content prompt.")],
+    image: ImageOption,
+    prompt: PromptOption,
     out: Annotated[Path, typer.Option(help="Where to write the PNG.")],
-    negative_prompt: Annotated[str, typer.Option(help="Unconditional text for guidance.")] = "",
+    negative_prompt: Annotated[str, option("negative_prompt")] = default("negative_prompt"),
     seed: Annotated[int | None, typer.Option(help="Seed; omitted = random (printed).")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps of the full schedule.")] = 20,
-    kmin: Annotated[float, typer.Option(help="Where the content phase starts.")] = 0.3,
-    kmax: Annotated[float, typer.Option(help="Noise level the layout is noised to.")] = 0.5,
-    mix_factor: Annotated[float, typer.Option(help="Weight of the denoised latents.")] = 0.5,
-    width: Annotated[
-        int, typer.Option(help="Output width (rounded down to a multiple of 8).")
-    ] = 768,
-    height: Annotated[
-        int, typer.Option(help="Output height (rounded down to a multiple of 8).")
-    ] = 768,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 7.5,
+    steps: Annotated[int, option("steps")] = default("steps"),
+    kmin: Annotated[float, option("kmin")] = default("kmin"),
+    kmax: Annotated[float, option("kmax")] = default("kmax"),
+    mix_factor: Annotated[float, option("mix_factor")] = default("mix_factor"),
+    width: Annotated[int, option("width")] = default("width"),
+    height: Annotated[int, option("height")] = default("height"),
+    guidance_scale: Annotated[float, option("guidance_scale")] = default("guidance_scale"),
 ) -> None:
     """Mix one image with a prompt and write the result as a PNG (progress on stderr)."""
-    from magicmix.images import png_bytes
-    from magicmix.mix_request import MixRequest, validate_request
-    from magicmix.sources import read_image_source
+    from magicmix.inputs.images import png_bytes
+    from magicmix.inputs.sources import read_image_source
+    from magicmix.request import ENGINE_FIELDS, MixRequest, validate_request
 
     settings = get_settings()
     try:
-        request = MixRequest(
-            image=read_image_source(image, settings),
+        params = mix_params(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            width=width // 8 * 8,
-            height=height // 8 * 8,
+            width=width,
+            height=height,
             kmin=kmin,
             kmax=kmax,
             mix_factor=mix_factor,
@@ -63,8 +59,12 @@ def mix(
             guidance_scale=guidance_scale,
             seed=seed,
         )
+        request = MixRequest(
+            image=read_image_source(image, settings),
+            **params.model_dump(include=set(ENGINE_FIELDS)),
+        )
         validate_request(request)  # before the model loads: bad values fail in a blink
-        from magicmix.local import load_engine
+        from magicmix.engine.configure import load_engine
 
         (result,) = load_engine(settings).mix([request], progress=True)
     except MagicMixError as err:
@@ -79,7 +79,7 @@ def mix(
 @app.command("build-tiny")
 def build_tiny(directory: Annotated[Path, typer.Argument(help="Output directory.")]) -> None:
     """Write the embedded tiny model (random weights, SD 1.x layout) as a diffusers folder."""
-    from magicmix.model_builder import build_random_model
+    from magicmix.engine.builder import build_random_model
 
     build_random_model(directory, "tiny")
     typer.echo(f"wrote the tiny model to {directory}", err=True)
@@ -91,7 +91,7 @@ def build_random(
     arch: Annotated[str, typer.Option(help="'tiny' or 'sd15' (full-size SD 1.5).")] = "sd15",
 ) -> None:
     """Write a random-weight model of a real architecture, to measure speed without a hub."""
-    from magicmix.model_builder import build_random_model
+    from magicmix.engine.builder import build_random_model
 
     if arch not in ("tiny", "sd15"):
         raise fail(f"--arch must be 'tiny' or 'sd15', got {arch!r}")
@@ -108,12 +108,37 @@ def keys_create(
     admin: Annotated[bool, typer.Option(help="May call clear_queue, restart_server...")] = False,
 ) -> None:
     """Print a new API key and its webhook signing secret (shown once, stored hashed)."""
-    from magicmix.local import open_key_store
+    from magicmix.backends.local.compose import open_key_store
 
     new = open_key_store(get_settings()).create(admin=admin)
     typer.echo(new.key)
     typer.echo(f"key id: {new.key_id}{' (admin)' if new.admin else ''}", err=True)
     typer.echo(f"webhook signing secret: {new.webhook_secret}", err=True)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys: id, role, created, revoked (never the keys themselves)."""
+    from magicmix.backends.local.compose import open_key_store
+
+    for info in open_key_store(get_settings()).list():
+        created = "from MAGICMIX_API_KEYS" if info.static else _when(info.created_at)
+        revoked = f"  revoked {_when(info.revoked_at)}" if info.revoked_at else ""
+        typer.echo(f"{info.key_id}  {'admin' if info.admin else 'user '}  {created}{revoked}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (keys list).")]) -> None:
+    """Refuse a key from now on (its jobs and S3 details are kept)."""
+    from magicmix.backends.local.compose import open_key_store
+
+    if not open_key_store(get_settings()).revoke(key_id):
+        raise fail(f"no active key {key_id!r} (static keys are removed from MAGICMIX_API_KEYS)")
+    typer.echo(f"revoked {key_id}", err=True)
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp or 0, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @app.command()
@@ -127,8 +152,8 @@ def serve(
     """Serve the ModelsLab-compatible API with uvicorn."""
     import uvicorn
 
-    from magicmix.local import build_local_service, open_key_store
-    from magicmix.server import create_app
+    from magicmix.backends.local.compose import build_local_service, open_key_store
+    from magicmix.http.app import create_app
 
     settings = get_settings()
     if print_curl:
@@ -150,7 +175,7 @@ def print_quickstart(key: str, settings: Settings) -> None:
     """
     import json
 
-    from magicmix.schemas import SEED_EXAMPLE
+    from magicmix.http.schemas import SEED_EXAMPLE
 
     public_url = settings.public_url
     image = (
@@ -171,28 +196,21 @@ def print_quickstart(key: str, settings: Settings) -> None:
 @app.command()
 def cleanup() -> None:
     """Delete service-store outputs older than MAGICMIX_RETENTION_HOURS; expire their jobs."""
-    from magicmix.db import Database
-    from magicmix.jobs import SqliteJobStore
-    from magicmix.service import expire_outputs
-    from magicmix.storage import open_store
+    from magicmix.backends.local.compose import open_lifecycle
+    from magicmix.outputs.store import open_store
+    from magicmix.service import sweep
 
     settings = get_settings()
-    jobs = SqliteJobStore(Database(settings.database_path))
-    removed, expired = expire_outputs(jobs, open_store(settings), settings.retention_hours)
-    for name in removed:
+    report = sweep(open_lifecycle(settings), open_store(settings), settings)
+    for name in report.removed:
         typer.echo(f"removed {name}")
-    typer.echo(f"removed {len(removed)} outputs, expired {len(expired)} jobs", err=True)
-
-
-from magicmix.sweep import sweep_command  # noqa: E402  (sweep's module imports nothing heavy)
-
-app.command("sweep")(sweep_command)
+    typer.echo(
+        f"removed {len(report.removed)} outputs, expired {len(report.expired)} jobs,"
+        f" failed {len(report.failed)} stuck jobs",
+        err=True,
+    )
 
 
 def main() -> None:
     """Entry point for `python -m magicmix`."""
     app(prog_name="magicmix")
-
-
-if __name__ == "__main__":
-    main()

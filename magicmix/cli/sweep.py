@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from PIL import Image, ImageDraw, ImageFont
 
+from magicmix.cli.options import ImageOption, PromptOption, fail, mix_params, option
 from magicmix.config import get_settings
 from magicmix.errors import InvalidInput, MagicMixError
-from magicmix.mix_request import MixRequest, validate_request
+from magicmix.request import ENGINE_FIELDS, MixRequest, default, validate_request
 
 if TYPE_CHECKING:
     from magicmix.engine import MagicMixEngine  # torch: imported only when a sweep runs
 
+SWEEP_SIZE = 256  # cells are small by default: a grid of 768 px runs would take minutes
 MAX_CELL = 256  # longest side of a cell on the sheet; bigger outputs are scaled down
 GAP = 6
 LABEL_WIDTH = 124
@@ -198,25 +200,21 @@ def sweep_report(
     }
 
 
-def _fail(message: str) -> typer.Exit:
-    """Same one-line error as the rest of the CLI (not imported from it: cli imports us)."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
-
-
 def sweep_command(
-    image: Annotated[str, typer.Option(help="Layout image: a local path or an http(s) URL.")],
-    prompt: Annotated[str, typer.Option(help="Content prompt.")],
+    image: ImageOption,
+    prompt: PromptOption,
     out: Annotated[Path, typer.Option(help="Where to write the contact sheet PNG.")],
-    kmin: Annotated[str, typer.Option(help="Comma-separated kmin values.")] = "0.3",
-    kmax: Annotated[str, typer.Option(help="Comma-separated kmax values.")] = "0.5",
-    mix_factor: Annotated[str, typer.Option(help="Comma-separated mix_factor values.")] = "0.5",
-    negative_prompt: Annotated[str, typer.Option(help="Unconditional text for guidance.")] = "",
+    kmin: Annotated[str, typer.Option(help="Comma-separated kmin values.")] = str(default("kmin")),
+    kmax: Annotated[str, typer.Option(help="Comma-separated kmax values.")] = str(default("kmax")),
+    mix_factor: Annotated[str, typer.Option(help="Comma-separated mix_factor values.")] = str(
+        default("mix_factor")
+    ),
+    negative_prompt: Annotated[str, option("negative_prompt")] = default("negative_prompt"),
     seed: Annotated[int, typer.Option(help="One seed for every cell.")] = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps of the full schedule.")] = 20,
-    width: Annotated[int, typer.Option(help="Output width (rounded down to 8).")] = 256,
-    height: Annotated[int, typer.Option(help="Output height (rounded down to 8).")] = 256,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 7.5,
+    steps: Annotated[int, option("steps")] = default("steps"),
+    width: Annotated[int, option("width")] = SWEEP_SIZE,
+    height: Annotated[int, option("height")] = SWEEP_SIZE,
+    guidance_scale: Annotated[float, option("guidance_scale")] = default("guidance_scale"),
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Runs as JSON; default: OUT with .json.")
     ] = None,
@@ -225,8 +223,8 @@ def sweep_command(
 
     Combinations with kmin > kmax are skipped (and listed in the JSON).
     """
-    from magicmix.local import load_engine
-    from magicmix.sources import read_image_source
+    from magicmix.engine.configure import load_engine
+    from magicmix.inputs.sources import read_image_source
 
     settings = get_settings()
     try:
@@ -235,15 +233,18 @@ def sweep_command(
             parse_values(kmax, "kmax"),
             parse_values(mix_factor, "mix_factor"),
         )
-        base = MixRequest(
-            image=read_image_source(image, settings),
+        params = mix_params(
             prompt=prompt,
             negative_prompt=negative_prompt,
-            width=width // 8 * 8,
-            height=height // 8 * 8,
+            width=width,
+            height=height,
             steps=steps,
             guidance_scale=guidance_scale,
             seed=seed,
+        )
+        base = MixRequest(
+            image=read_image_source(image, settings),
+            **params.model_dump(include=set(ENGINE_FIELDS)),
         )
         for request in plan.requests(base):  # refuse a bad cell before loading the model
             validate_request(request)
@@ -252,7 +253,7 @@ def sweep_command(
             typer.echo(f"skipped kmin={kmin_value:g} > kmax={kmax_value:g}", err=True)
         cells = run_sweep(engine, base, plan, progress=True)
     except MagicMixError as err:
-        raise _fail(err.message) from err
+        raise fail(err.message) from err
     title = f"{prompt!r} · seed {seed} · {steps} steps · cfg {guidance_scale:g} · {settings.model}"
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(cells, plan, title).save(out, format="PNG", optimize=True)

@@ -22,19 +22,6 @@ TINY = "tiny"
 # from_pretrained builds modules under a process-wide patch of torch.nn (meta-device init),
 # so two loads in two threads (a reload beside a start) corrupt each other: one at a time.
 _LOAD_LOCK = threading.Lock()
-# Files a hub checkpoint needs for MagicMix; everything else in a repo (safety checker,
-# full-precision and .ckpt weights, EMA copies) is never downloaded.
-HUB_ALLOW_PATTERNS = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.fp16.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.fp16.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.fp16.safetensors",
-]
 
 
 @dataclass
@@ -69,7 +56,7 @@ def resolve_model_source(model: str, data_dir: Path) -> str:
     if model == TINY:
         tiny_dir = data_dir / "tiny-model"
         if not (tiny_dir / "model_index.json").exists():
-            from magicmix.model_builder import build_random_model  # only needed once
+            from magicmix.engine.builder import build_random_model  # only needed once
 
             log.info("building the embedded tiny model into %s", tiny_dir)
             build_random_model(tiny_dir, "tiny")

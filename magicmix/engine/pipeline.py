@@ -43,14 +43,14 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from tqdm.auto import tqdm
 
-from magicmix.loading import (
+from magicmix.engine.loading import (
     Components,
     load_components,
     resolve_device,
     resolve_dtype,
     resolve_model_source,
 )
-from magicmix.mix_request import MixRequest, random_seed, validate_request
+from magicmix.request import MixRequest, random_seed, validate_request
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import httpx
 
 from magicmix.config import Settings
 from magicmix.errors import InvalidInput, PayloadTooLarge
-from magicmix.netguard import (
+from magicmix.inputs.netguard import (
     RefusedAddress,
     check_url,
     describe_transport_error,

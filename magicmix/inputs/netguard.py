@@ -84,6 +84,20 @@ def guarded_async_client(*, allow_private: bool, timeout_s: float) -> httpx.Asyn
     )
 
 
+def redact_url(url: str) -> str:
+    """`url` fit for a log line: scheme, host, port and path; no credentials, query or fragment.
+
+    Presigned URLs and webhook tokens travel in query strings; they never reach a log.
+    """
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "<invalid URL>"
+    port = f":{parsed.port}" if parsed.port else ""
+    hidden = "?…" if parsed.query or parsed.fragment else ""
+    return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}{hidden}"
+
+
 def describe_transport_error(err: httpx.HTTPError) -> str:
     """A short, client-safe description of a failed exchange (no tracebacks, no internals)."""
     if isinstance(err, httpx.TimeoutException):

@@ -9,8 +9,8 @@ from PIL import Image
 
 from magicmix.config import Settings
 from magicmix.errors import InvalidInput, PayloadTooLarge
-from magicmix.fetch import fetch_image_bytes
-from magicmix.images import decode_image, decode_inline_image
+from magicmix.inputs.fetch import fetch_image_bytes
+from magicmix.inputs.images import decode_image, decode_inline_image
 
 
 async def image_bytes_from_field(value: str, settings: Settings, *, field: str = "image") -> bytes:

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from magicmix import errors
 from magicmix.config import Settings
+from magicmix.outputs.s3 import make_s3_client, s3_error_code
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -41,6 +40,10 @@ class OutputStore(Protocol):
 
     def get(self, name: str) -> bytes:
         """The stored bytes; errors.NotFound when absent or when the name is not a safe one."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove one output; absent is fine."""
         ...
 
     def delete_older_than(self, cutoff: datetime) -> list[str]:
@@ -68,51 +71,6 @@ def _check_cutoff(cutoff: datetime) -> None:
     # A naive cutoff would be read as local time by one store and fail to compare in the other.
     if cutoff.tzinfo is None:
         raise ValueError("cutoff must be timezone-aware")
-
-
-def is_aws_endpoint(endpoint_url: str | None) -> bool:
-    """True for AWS itself (no endpoint, or an *.amazonaws.com host)."""
-    if endpoint_url is None:
-        return True
-    host = urlsplit(endpoint_url).hostname or ""
-    return host == "amazonaws.com" or host.endswith(".amazonaws.com")
-
-
-def make_s3_client(
-    endpoint_url: str | None,
-    *,
-    region_name: str | None = None,
-    access_key_id: str | None = None,
-    secret_access_key: str | None = None,
-) -> S3Client:
-    """An S3 client that fails in seconds on a dead endpoint and speaks to any S3-compatible one.
-
-    Custom endpoints get path-style addressing: most S3-compatible servers (MinIO, R2,
-    loopback test servers) do not resolve bucket subdomains. Without explicit keys boto3
-    uses its default chain (environment, role), which is how the service store is set up.
-    """
-    config = Config(
-        connect_timeout=3,
-        read_timeout=20,
-        retries={"max_attempts": 2, "mode": "standard"},
-        signature_version="s3v4",
-        s3={"addressing_style": "auto" if is_aws_endpoint(endpoint_url) else "path"},
-    )
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name=region_name,
-        aws_access_key_id=access_key_id,
-        aws_secret_access_key=secret_access_key,
-        config=config,
-    )
-
-
-def s3_error_code(err: Exception) -> str:
-    """S3's error code ('NoSuchBucket', ...) or botocore's exception name; safe to show."""
-    if isinstance(err, ClientError):
-        return str(err.response.get("Error", {}).get("Code", "Unknown"))
-    return type(err).__name__
 
 
 class LocalStore:
@@ -143,6 +101,12 @@ class LocalStore:
             raise errors.NotFound(f"output {name} not found") from err
         except OSError as err:
             raise errors.StorageError(f"cannot read {name} from the local store") from err
+
+    def delete(self, name: str) -> None:
+        try:
+            (self.directory / _check_name(name)).unlink(missing_ok=True)
+        except OSError as err:
+            raise errors.StorageError(f"cannot remove {name} in the local store") from err
 
     def delete_older_than(self, cutoff: datetime) -> list[str]:
         _check_cutoff(cutoff)
@@ -208,6 +172,12 @@ class S3Store:
             raise self._fail(f"read {name}", err) from err
         except BotoCoreError as err:
             raise self._fail(f"read {name}", err) from err
+
+    def delete(self, name: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self.prefix + _check_name(name))
+        except (BotoCoreError, ClientError) as err:
+            raise self._fail(f"delete {name}", err) from err
 
     def delete_older_than(self, cutoff: datetime) -> list[str]:
         _check_cutoff(cutoff)

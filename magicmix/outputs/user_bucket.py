@@ -30,8 +30,9 @@ from pydantic import (
 from magicmix import errors
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.netguard import check_url
-from magicmix.storage import is_safe_name, make_s3_client, s3_error_code
+from magicmix.inputs.netguard import check_url
+from magicmix.outputs.s3 import make_s3_client, s3_error_code
+from magicmix.outputs.store import is_safe_name
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -283,6 +284,14 @@ class UserBucket:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=PRESIGN_SECONDS
         )
         return UploadResult(url, key, note)
+
+    def delete(self, key: str) -> None:
+        """Remove an object this service uploaded (a job that ended another way first)."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as err:
+            code = s3_error_code(err)
+            raise errors.StorageError(f"removing an object of your bucket failed ({code})") from err
 
     def _put(self, key: str, data: bytes, **extra: Any) -> None:
         self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=PNG, **extra)

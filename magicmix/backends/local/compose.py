@@ -1,41 +1,32 @@
-"""Compose the service from local parts: SQLite jobs and keys, a worker thread, the store."""
+"""The local composition root: SQLite jobs and keys, a worker thread, the configured store.
+
+`magicmix serve` runs `build_local_service`; the CLI's key and cleanup commands use the
+smaller pieces, so they never load a model or import torch.
+"""
 
 from __future__ import annotations
 
 import logging
 
+from magicmix.backends.local.db import Database
+from magicmix.backends.local.jobs import SqliteJobStore
+from magicmix.backends.local.keys import SqliteKeyStore
+from magicmix.backends.local.worker import LocalWorker
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.db import Database
-from magicmix.engine import EngineOptions, MagicMixEngine
-from magicmix.jobs import SqliteJobStore
-from magicmix.keys import SqliteKeyStore
-from magicmix.runner import JobRunner
+from magicmix.http.links import HttpLinks
+from magicmix.jobs import QueueLimits
+from magicmix.lifecycle import Lifecycle
+from magicmix.outputs.store import open_store
+from magicmix.runner import Engine, JobRunner
 from magicmix.service import MagicMixService
-from magicmix.storage import open_store
-from magicmix.worker import LocalWorker
+from magicmix.webhooks import WebhookPump, WebhookSender
+
+WEBHOOK_IDLE_S = 2.0  # how often the local pump looks for due retries
 
 
-def load_engine(settings: Settings) -> MagicMixEngine:
-    """The engine as configured by `MAGICMIX_*` (model, device, dtype, fast path)."""
-    return MagicMixEngine.load(
-        settings.model,
-        data_dir=settings.data_dir,
-        device=settings.device,
-        dtype=settings.dtype,
-        text_cache_size=settings.text_cache_size,
-        revision=settings.model_revision,
-        options=engine_options(settings),
-    )
-
-
-def engine_options(settings: Settings) -> EngineOptions:
-    """The fast-path switches that `MAGICMIX_*` controls."""
-    return EngineOptions(
-        compile=settings.compile,
-        channels_last=settings.channels_last,
-        batch_invariant=settings.batch_invariant,
-    )
+def queue_limits(settings: Settings) -> QueueLimits:
+    return QueueLimits(settings.max_queue, settings.max_queued_per_key)
 
 
 def open_key_store(settings: Settings) -> SqliteKeyStore:
@@ -43,6 +34,18 @@ def open_key_store(settings: Settings) -> SqliteKeyStore:
     return SqliteKeyStore(
         Database(settings.database_path), SecretBox(secret), secret, settings.static_api_keys
     )
+
+
+def open_lifecycle(settings: Settings) -> Lifecycle:
+    """The job lifecycle over the local database, without a worker (for `magicmix cleanup`)."""
+    return Lifecycle(SqliteJobStore(Database(settings.database_path)), queue_limits(settings))
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The configured engine; torch is imported here, when a worker starts, not before."""
+    from magicmix.engine.configure import load_engine as load
+
+    return load(settings)
 
 
 def build_local_service(settings: Settings) -> MagicMixService:
@@ -55,15 +58,30 @@ def build_local_service(settings: Settings) -> MagicMixService:
     db = Database(settings.database_path)
     jobs = SqliteJobStore(db)
     keys = SqliteKeyStore(db, box, secret, settings.static_api_keys)
+    lifecycle = Lifecycle(jobs, queue_limits(settings))
     outputs = open_store(settings)
-    runner = JobRunner(settings=settings, jobs=jobs, outputs=outputs, keys=keys, box=box)
+    links = HttpLinks(settings.public_url)
+    runner = JobRunner(
+        settings=settings, lifecycle=lifecycle, outputs=outputs, keys=keys, box=box, links=links
+    )
     worker = LocalWorker(
-        jobs=jobs,
+        lifecycle=lifecycle,
         runner=runner,
         load_engine=lambda: load_engine(settings),
         batch_size=settings.batch_size,
         batch_wait_s=settings.batch_wait_ms / 1000,
     )
-    return MagicMixService(
-        settings=settings, jobs=jobs, keys=keys, outputs=outputs, worker=worker, box=box
+    pump = WebhookPump(WebhookSender(jobs, keys, settings), idle_s=WEBHOOK_IDLE_S)
+    lifecycle.listen(pump.nudge)
+    service = MagicMixService(
+        settings=settings,
+        lifecycle=lifecycle,
+        keys=keys,
+        outputs=outputs,
+        dispatcher=worker,
+        box=box,
+        links=links,
     )
+    service.add_background(pump.run_forever)
+    service.add_background(service.sweep_forever)
+    return service

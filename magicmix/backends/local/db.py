@@ -1,15 +1,18 @@
-"""SQLite, set up for a service: WAL, a busy timeout, one connection per thread.
+"""SQLite, set up for a service: WAL, a busy timeout, one connection per thread, private files.
 
-The schema is a list of statements applied in order; each is idempotent, so opening an
-old database brings it up to date.
+The schema is the first version's tables plus numbered migrations (`PRAGMA user_version`
+says how many ran), so opening an old database brings it up to date. The file holds
+prompts, layout images and presigned URLs: it is created 0600 in a 0700 directory, and
+SQLite gives its -wal and -shm files the same mode.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from magicmix.errors import Busy
@@ -41,6 +44,18 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, id)",
     "CREATE INDEX IF NOT EXISTS jobs_key_status ON jobs (key_id, status)",
 ]
+# Each entry runs once, in order, in one transaction with the user_version bump.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: webhooks on a persisted retry schedule; who claimed a running job; key revocation
+        "ALTER TABLE jobs RENAME COLUMN webhook_state TO webhook_phase",
+        "ALTER TABLE jobs ADD COLUMN webhook_next_at REAL",
+        "ALTER TABLE jobs ADD COLUMN webhook_last_status INTEGER",
+        "ALTER TABLE jobs ADD COLUMN webhook_last_error TEXT",
+        "ALTER TABLE jobs ADD COLUMN claimant TEXT",
+        "CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_phase, webhook_next_at)",
+        "ALTER TABLE api_keys ADD COLUMN revoked_at REAL",
+    ],
+]
 
 
 class Database:
@@ -50,10 +65,15 @@ class Database:
         self.path = path
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _private_file(path)
         with self.transaction() as connection:
             for statement in SCHEMA:
                 connection.execute(statement)
+            done = connection.execute("PRAGMA user_version").fetchone()[0]
+            for number, migration in enumerate(MIGRATIONS[done:], start=done + 1):
+                for statement in migration:
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {number}")
 
     def connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -85,3 +105,14 @@ class Database:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+
+
+def _private_file(path: Path) -> None:
+    """Create the database file (and its directory) readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with suppress(OSError):  # a directory we do not own keeps its mode
+        if path.parent.stat().st_uid == os.getuid():
+            path.parent.chmod(0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)  # also for a file made by an older version

@@ -1,57 +1,101 @@
-"""The local worker: one thread that owns the engine and drains the SQLite queue.
+"""The local dispatcher: one thread that owns the engine and drains the SQLite queue.
 
-It claims the oldest queued job plus compatible ones (up to `batch_size`) and runs them
-as one UNet batch. When it wakes from idle it waits `batch_wait_ms` first, so requests
-arriving together share a batch; when busy, the queue fills while it works.
+It claims the oldest queued job plus compatible ones (up to `batch_size`) through the
+lifecycle and runs them as one UNet batch. When it wakes from idle it waits
+`batch_wait_ms` first, so requests arriving together share a batch; when busy, the queue
+fills while it works. Waiters are woken by the lifecycle's listener (`JobWaiters`), so a
+request's sync wait ends the moment its job does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
-from magicmix.engine import MagicMixEngine
-from magicmix.jobs import JobRecord, SqliteJobStore
-from magicmix.runner import JobRunner
+from magicmix.jobs import JobRecord
+from magicmix.lifecycle import Lifecycle
+from magicmix.runner import Engine, JobRunner
+from magicmix.service import EngineInfo
 
 log = logging.getLogger(__name__)
 
 
+class JobWaiters:
+    """Futures of requests waiting on jobs, woken from any thread as jobs end."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: dict[int, set[asyncio.Future[None]]] = {}
+
+    async def wait(self, job_id: int, timeout: float, *, ended: Callable[[], bool]) -> None:
+        """Until the job ends or `timeout` passes; `ended` is checked after registering,
+        so an end between the caller's read and this call is never missed."""
+        self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._waiting.setdefault(job_id, set()).add(future)
+        try:
+            if not await asyncio.to_thread(ended):
+                await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiting = self._waiting.get(job_id, set())
+            waiting.discard(future)
+            if not waiting:
+                self._waiting.pop(job_id, None)
+
+    def notify(self, jobs: list[JobRecord]) -> None:
+        """The lifecycle's listener: called once per job that ended, from its thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake, [job.id for job in jobs])
+
+    def _wake(self, job_ids: list[int]) -> None:
+        for job_id in job_ids:
+            for future in self._waiting.get(job_id, ()):
+                if not future.done():
+                    future.set_result(None)
+
+
 class LocalWorker:
-    """Implements the service's `Worker` seam in-process, with a background thread."""
+    """The service's `Dispatcher` in this process, with a background thread."""
 
     def __init__(
         self,
         *,
-        jobs: SqliteJobStore,
+        lifecycle: Lifecycle,
         runner: JobRunner,
-        load_engine: Callable[[], MagicMixEngine],
+        load_engine: Callable[[], Engine],
         batch_size: int,
         batch_wait_s: float,
     ) -> None:
-        self._jobs = jobs
+        self._lifecycle = lifecycle
         self._runner = runner
         self._load_engine = load_engine
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
+        self._claimant = f"local:{os.getpid()}"
+        self.waiters = JobWaiters()
+        lifecycle.listen(self.waiters.notify)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._clear = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
-        self.engine: MagicMixEngine | None = None
-        self.on_finished: Callable[[list[JobRecord]], None] = lambda records: None
+        self.engine: Engine | None = None
 
-    # -- the Worker seam --------------------------------------------------------------
+    # -- the Dispatcher seam ----------------------------------------------------------
 
     def start(self) -> None:
-        requeued = self._jobs.requeue_interrupted()
+        """Requeue what a dead process left running (one local server owns the database)."""
+        interrupted = [job for job in self._lifecycle.store.active() if job.claimant]
+        requeued = [job for job in interrupted if self._lifecycle.requeue(job.id)]
         if requeued:
-            log.info("requeued %d jobs interrupted by the last shutdown", requeued)
+            log.info("requeued %d jobs interrupted by the last shutdown", len(requeued))
         self._thread = threading.Thread(target=self._loop, name="magicmix-worker", daemon=True)
         self._thread.start()
 
@@ -61,17 +105,23 @@ class LocalWorker:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, job: JobRecord) -> None:
+    async def submit(self, job: JobRecord) -> None:
         self._wake.set()
 
     async def wait(self, job_id: int, timeout: float) -> None:
-        """Completion is pushed through `on_finished`; nothing to poll here."""
-        await asyncio.sleep(timeout)
+        def ended() -> bool:
+            job = self._lifecycle.store.get(job_id)
+            return job is None or job.status.is_terminal
 
-    def describe(self) -> dict[str, str]:
+        await self.waiters.wait(job_id, timeout, ended=ended)
+
+    async def cancel(self, job_ids: list[int]) -> None:
+        """Nothing to stop: a cancelled job can no longer be claimed, and claims are atomic."""
+
+    def describe(self) -> EngineInfo:
         if self.engine is None:
-            return {"model": "loading", "device": "loading", "dtype": "loading"}
-        return self.engine.describe()
+            return EngineInfo(model="loading", device="loading", dtype="loading")
+        return EngineInfo(**self.engine.describe())
 
     def clear_cache(self) -> str:
         self._clear.set()  # done by the worker thread between batches: no race with a mix
@@ -122,14 +172,14 @@ class LocalWorker:
         return True
 
     def _drain_one_batch(self) -> bool:
-        batch = self._jobs.claim(self._batch_size)
+        batch = self._lifecycle.claim_batch(self._batch_size, self._claimant)
         if not batch:
             return False
         assert self.engine is not None  # nosec B101 - loaded before the loop
         try:
-            finished = self._runner.run(self.engine, batch)
-        except Exception:  # the runner records job failures itself; this is a bug guard
+            self._runner.run(self.engine, batch)
+        except Exception:  # the runner ends jobs itself; this is a bug guard
             log.exception("worker failed on jobs %s", [job.id for job in batch])
-            finished = [self._jobs.fail(job.id, "internal error") for job in batch]
-        self.on_finished(finished)
+            for job in batch:
+                self._lifecycle.fail(job.id, "internal error")
         return True

@@ -1,0 +1,1 @@
+"""Adapters that run the service: `local` (SQLite, a worker thread) and `modal`."""

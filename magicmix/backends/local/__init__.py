@@ -1,0 +1,1 @@
+"""The local backend: SQLite jobs and keys, one worker thread; `compose` builds it."""

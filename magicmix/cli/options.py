@@ -1,0 +1,37 @@
+"""What the CLI's commands share: options derived from `magicmix.request`, one-line errors."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from magicmix.errors import InvalidInput
+from magicmix.request import MixParams, describe
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line error on stderr; the caller raises the returned exit."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def option(name: str, **extra: Any) -> Any:
+    """A typer option whose help text is the request field's own description."""
+    return typer.Option(help=describe(name), **extra)
+
+
+def mix_params(**values: Any) -> MixParams:
+    """Validate CLI values exactly as the API validates a request body."""
+    try:
+        return MixParams(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "value"
+        why = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidInput(f"{why}", field=field) from err
+
+
+ImageOption = Annotated[str, typer.Option(help="Layout image: a local path or an http(s) URL.")]
+PromptOption = Annotated[str, typer.Option(help="Content prompt.")]

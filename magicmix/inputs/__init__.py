@@ -1,0 +1,1 @@
+"""Untrusted input: where layout images come from, the SSRF guard, image decoding."""

@@ -1,0 +1,1 @@
+"""Where results go: the service store and users' own buckets."""

@@ -1,0 +1,145 @@
+"""ModelsLab's reply bodies, built from job records: what the API answers and webhooks send.
+
+Links (where an output is served, where to fetch a job) belong to the HTTP layer; the
+service is handed them as a `Links` object (`http.links.HttpLinks`), so this module knows
+no route or path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+from magicmix.errors import Gone
+from magicmix.jobs import JobRecord, JobStatus
+
+
+class Links(Protocol):
+    """Absolute URLs the replies carry; made by the HTTP layer, which owns the routes."""
+
+    def output(self, name: str) -> str:
+        """Where the service store's file `name` is served."""
+        ...
+
+    def fetch(self, job_id: int) -> str:
+        """The `fetch_result` URL of a job."""
+        ...
+
+
+class Meta(BaseModel):
+    """The seed's `meta` block, echoing what was run (with the seed actually used)."""
+
+    H: int
+    W: int
+    file_prefix: str
+    image: str
+    kmax: float
+    kmin: float
+    mix_factor: float
+    n_samples: int
+    negative_prompt: str
+    outdir: str
+    prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+
+
+class SuccessOut(BaseModel):
+    status: Literal["success"] = "success"
+    generationTime: float
+    id: int
+    output: list[str]
+    meta: Meta
+    message: str | None = None
+    track_id: str | int | None = None
+
+
+class ProcessingOut(BaseModel):
+    status: Literal["processing"] = "processing"
+    id: int
+    eta: float
+    message: str
+    tip: str
+    fetch_result: str
+    output: list[str] = []
+    future_links: list[str]
+    meta: Meta
+    track_id: str | int | None = None
+
+
+class FailedOut(BaseModel):
+    status: Literal["failed"] = "failed"
+    id: int
+    message: str
+    track_id: str | int | None = None
+
+
+class MessageOut(BaseModel):
+    status: Literal["success", "error"] = "success"
+    message: str
+
+
+class SystemDetailsOut(MessageOut):
+    model: str
+    device: str
+    dtype: str
+    queue_length: int
+    version: str
+    webhook_secret: str
+    s3: dict[str, Any] | None = None
+
+
+JobOut = SuccessOut | ProcessingOut | FailedOut
+
+
+def meta(job: JobRecord) -> Meta:
+    p = job.params
+    outdir = "outputs" if not job.result or job.result.stored_in == "service" else "s3"
+    return Meta(
+        H=p.height,
+        W=p.width,
+        file_prefix=job.file_prefix,
+        image=p.image_ref,
+        kmax=p.kmax,
+        kmin=p.kmin,
+        mix_factor=p.mix_factor,
+        n_samples=1,
+        negative_prompt=p.negative_prompt,
+        outdir=outdir,
+        prompt=p.prompt,
+        seed=p.seed,
+        steps=p.steps,
+        guidance_scale=p.guidance_scale,
+    )
+
+
+def ended_reply(job: JobRecord, *, retention_hours: float) -> SuccessOut | FailedOut:
+    """The reply of a job that ended; `Gone` for one whose outputs expired."""
+    if job.status is JobStatus.EXPIRED:
+        raise Gone(
+            f"the outputs of job {job.id} were deleted after {retention_hours:g} hours;"
+            " add S3 details with update_s3 to keep images in your own bucket"
+        )
+    if job.status is JobStatus.SUCCESS and job.result is not None:
+        return SuccessOut(
+            generationTime=round(job.result.generation_time, 4),
+            id=job.id,
+            output=job.result.output,
+            meta=meta(job),
+            message=job.result.note,
+            track_id=job.params.track_id,
+        )
+    return FailedOut(
+        id=job.id, message=job.error or f"job {job.status.value}", track_id=job.params.track_id
+    )
+
+
+def webhook_body(job: JobRecord, *, retention_hours: float) -> dict[str, Any]:
+    """What a job's webhook POSTs: its final reply plus `track_id` (ModelsLab's shape)."""
+    try:
+        reply: BaseModel = ended_reply(job, retention_hours=retention_hours)
+    except Gone as err:
+        reply = FailedOut(id=job.id, message=err.message)
+    return {**reply.model_dump(mode="json"), "track_id": job.params.track_id}

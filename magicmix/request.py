@@ -1,0 +1,169 @@
+"""One MagicMix request, written once: the seed's fields, defaults and limits.
+
+`MixParams` holds the paper's knobs and the prompts with ModelsLab's defaults and bounds.
+Everything else derives from it: the wire schema (`http.schemas.MagicMixIn`) and the job
+record (`jobs.JobParams`) extend `Submission`, the engine's `MixRequest` takes its
+defaults from here, and the CLI's `mix` and `sweep` options read their defaults and help
+text from `PARAMS`. Torch-free, so the web tier validates exactly as the engine does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
+
+from magicmix.errors import InvalidInput
+
+MAX_SEED = 2**63 - 1
+SIZE_STEP = 8  # SD's VAE downsamples by 8; sizes are rounded down to a multiple of it
+
+
+class MixParams(BaseModel):
+    """The prompts and the paper's knobs, with the seed's defaults and ModelsLab's limits."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1, max_length=2000, description="Content to mix in")
+    negative_prompt: str = Field("", max_length=2000, description="What to avoid")
+    width: int = Field(768, ge=256, le=1024, description="Rounded down to a multiple of 8")
+    height: int = Field(768, ge=256, le=1024, description="Rounded down to a multiple of 8")
+    kmin: float = Field(0.3, ge=0, le=1, description="Where the content phase starts")
+    kmax: float = Field(0.5, ge=0, le=1, description="How far the layout is noised")
+    mix_factor: float = Field(0.5, ge=0, le=1, description="Weight of the denoised latents")
+    steps: int = Field(20, ge=1, le=50, description="Denoising steps of the full schedule")
+    guidance_scale: float = Field(7.5, ge=0, le=30, description="Classifier-free guidance")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random")
+
+    @field_validator("negative_prompt", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _round_down(cls, value: int) -> int:
+        return value // SIZE_STEP * SIZE_STEP
+
+    @field_validator("kmax")
+    @classmethod
+    def _kmin_not_above_kmax(cls, value: float, info: ValidationInfo) -> float:
+        kmin = info.data.get("kmin")
+        if kmin is not None and kmin > value:
+            raise ValueError(f"kmax ({value}) must not be less than kmin ({kmin})")
+        return value
+
+
+PARAMS: dict[str, FieldInfo] = MixParams.model_fields
+
+
+def default(name: str) -> Any:
+    """The seed's default for one `MixParams` field (the CLI's option defaults)."""
+    return PARAMS[name].default
+
+
+def describe(name: str) -> str:
+    """The help text of one `MixParams` field."""
+    return PARAMS[name].description or name
+
+
+class Submission(MixParams):
+    """What a client submits besides its key: the params, the layout image, where to report."""
+
+    image: str = Field(
+        ..., min_length=1, description="Layout image: http(s) URL, data: URI or base64"
+    )
+    samples: int = Field(1, ge=1, le=1, description="Images per request (max 1)")
+    webhook: str | None = Field(None, max_length=2048, description="POSTed the final reply")
+    track_id: str | int | None = Field(
+        None, union_mode="left_to_right", description="Echoed in the webhook body"
+    )
+
+    @field_validator("track_id")
+    @classmethod
+    def _short_track_id(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, str) and len(value) > 256:
+            raise ValueError("track_id must be at most 256 characters")
+        return value
+
+    @field_validator("webhook")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+
+@dataclass(frozen=True)
+class MixRequest:
+    """One MagicMix sample as the engine runs it: the layout image plus `MixParams`."""
+
+    image: Image.Image
+    prompt: str
+    negative_prompt: str = default("negative_prompt")
+    width: int = default("width")
+    height: int = default("height")
+    kmin: float = default("kmin")
+    kmax: float = default("kmax")
+    mix_factor: float = default("mix_factor")
+    steps: int = default("steps")
+    guidance_scale: float = default("guidance_scale")
+    seed: int | None = None
+
+    @property
+    def run_steps(self) -> int:
+        """UNet evaluations: the last `int(kmax * steps)` timesteps of the schedule."""
+        return int(self.kmax * self.steps)
+
+    @property
+    def layout_steps(self) -> int:
+        """How many of the run steps mix in the noised layout latents."""
+        return self.run_steps - int(self.kmin * self.steps)
+
+    def batch_key(self) -> tuple[int, int, int, int, int]:
+        """Requests with equal keys share every timestep and can share one UNet batch."""
+        return (self.width, self.height, self.steps, self.run_steps, self.layout_steps)
+
+
+ENGINE_FIELDS = frozenset(MixRequest.__dataclass_fields__) - {"image"}
+
+
+def random_seed() -> int:
+    """A seed for requests that sent none; reported back so the image can be reproduced."""
+    return secrets.randbelow(2**32)
+
+
+def validate_request(request: MixRequest, *, vae_scale_factor: int = SIZE_STEP) -> None:
+    """Raise `InvalidInput` naming the first bad field; never clamp or crop silently.
+
+    The engine's own bounds, looser than the API's (`MixParams`): a library caller may ask
+    for 1000 steps or 2048 px; what no model can run is refused here.
+    """
+    if not 1 <= request.steps <= 1000:
+        raise InvalidInput(f"steps must be 1..1000, got {request.steps}", field="steps")
+    if not 0.0 <= request.kmin <= request.kmax <= 1.0:
+        raise InvalidInput(
+            f"need 0 <= kmin <= kmax <= 1, got kmin={request.kmin}, kmax={request.kmax}",
+            field="kmin" if not 0.0 <= request.kmin <= 1.0 else "kmax",
+        )
+    if request.run_steps < 1:
+        raise InvalidInput(
+            f"kmax * steps must be at least 1 (kmax={request.kmax}, steps={request.steps}):"
+            " there would be no denoising step to run",
+            field="kmax",
+        )
+    if not 0.0 <= request.mix_factor <= 1.0:
+        raise InvalidInput(
+            f"mix_factor must be in [0, 1], got {request.mix_factor}", field="mix_factor"
+        )
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value < vae_scale_factor or value % vae_scale_factor:
+            raise InvalidInput(
+                f"{name} must be a positive multiple of {vae_scale_factor}, got {value}",
+                field=name,
+            )
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise InvalidInput(f"seed must be in 0..{MAX_SEED}, got {request.seed}", field="seed")
