@@ -77,7 +77,7 @@ def post_mix(http: httpx.Client, running: RunningService, body: dict[str, Any]) 
 
 
 def engine_of(running: RunningService) -> MagicMixEngine:
-    engine = running.service.worker.engine  # type: ignore[attr-defined]
+    engine = running.service.dispatcher.engine  # type: ignore[attr-defined]
     assert isinstance(engine, MagicMixEngine)  # nosec B101 - serve() waits for the load
     return engine
 
