@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from magicmix.capacity import queue_limit, seconds_per_image
+
 # Standard Webhooks' recommended schedule, as offsets in seconds after the job ended.
 WEBHOOK_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 
@@ -32,6 +34,9 @@ class Settings(BaseSettings):
     retention_hours: float = Field(24.0, gt=0)
     allow_private_urls: bool = False
     sync_wait_s: float = Field(30.0, ge=0, le=140)
+    # every magic_mix answer leaves within this of the request's arrival (Modal cuts web
+    # requests at 150 s): the fetch and the sync wait are shortened to fit
+    request_deadline_s: float = Field(120.0, ge=5, le=145)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     store_url: str | None = None
     s3_endpoint_url: str | None = None
@@ -45,19 +50,27 @@ class Settings(BaseSettings):
     batch_invariant: bool = False  # bit-identical results whatever shares the batch (slower)
     text_cache_size: int = Field(256, ge=0)
 
-    # --- jobs and worker ---
-    max_queue: int = Field(64, ge=1)
-    max_queued_per_key: int = Field(32, ge=1)
+    # --- capacity: sized together (capacity.py); max_queue follows unless set ---
+    gpu: str = "cpu"  # MAGICMIX_GPU: the GPU type on Modal, "cpu" locally
+    max_gpus: int = Field(1, ge=1)  # GPU containers at most (Modal); locally one worker
     batch_size: int = Field(4, ge=1, le=64)
     batch_wait_ms: int = Field(25, ge=0)
+    queue_minutes: float = Field(5.0, gt=0)  # queued work accepted, at full scale
+    seconds_per_image: float | None = Field(None, gt=0)  # default: capacity's table
+    max_queue: int = Field(0, ge=0)  # 0: derived from the four above
+    max_queued_per_key: int = Field(0, ge=0)  # 0: the whole queue
     sweep_interval_s: float = Field(60.0, gt=0)  # local: expire outputs, fail stuck jobs
     stale_queued_s: float = Field(3600.0, gt=0)  # a job not started by then is failed
     stale_processing_s: float = Field(1800.0, gt=0)  # a run not finished by then is failed
 
     # --- inputs ---
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    body_timeout_s: float = Field(60.0, gt=0)  # the whole body must arrive within this
+    header_timeout_s: float = Field(10.0, gt=0)  # the request line and headers, likewise
+    max_json_containers: int = Field(1000, ge=16)  # `[` and `{` in a body: ours are flat
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=64 * 64)
+    max_image_decoded_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
     fetch_timeout_s: float = Field(15.0, gt=0)
 
     # --- webhooks ---
@@ -89,6 +102,18 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @model_validator(mode="after")
+    def _size_the_queue(self) -> Settings:
+        if not self.max_queue:
+            self.max_queue = queue_limit(
+                max_gpus=self.max_gpus,
+                seconds_per_image=self.seconds_per_image or seconds_per_image(self.gpu),
+                queue_minutes=self.queue_minutes,
+            )
+        if not self.max_queued_per_key:
+            self.max_queued_per_key = self.max_queue
         return self
 
     @property

@@ -48,6 +48,12 @@ class NotFound(MagicMixError):
     status_code = 404
 
 
+class Conflict(MagicMixError):
+    """The same request is still being handled (an Idempotency-Key in use)."""
+
+    status_code = 409
+
+
 class Gone(MagicMixError):
     """The thing existed but is no more: an expired job's outputs."""
 

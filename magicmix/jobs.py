@@ -8,6 +8,7 @@ and keep what the lifecycle writes. Implementations: `backends.local.jobs` (SQLi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -150,12 +151,35 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Idempotency:
+    """A client's `Idempotency-Key` and the fingerprint of the body it came with."""
+
+    key: str
+    fingerprint: str
+
+    @property
+    def key_hash(self) -> str:
+        """How stores name it: a digest, so a client's key is never a storage key itself."""
+        return hashlib.sha256(self.key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """What `JobStore.begin_idempotent` found: ours to accept now, or an earlier request's."""
+
+    owned: bool
+    fingerprint: str
+    job_id: int | None  # the job the key's first request made, once it made one
+
+
+@dataclass(frozen=True)
 class NewJob:
     """A job to insert; the store assigns the id and the output token."""
 
     key_id: str
     params: JobParams
     created_at: float
+    idempotency: Idempotency | None = None  # bound to the new job in the same insert
 
     @property
     def webhook(self) -> WebhookState | None:
@@ -197,6 +221,24 @@ class JobStore(Protocol):
 
     def expirable(self, finished_before: float) -> list[JobRecord]:
         """Successes stored in the service store that finished before the cutoff."""
+        ...
+
+    def begin_idempotent(
+        self, key_id: str, idempotency: Idempotency, *, now: float, ttl_s: float, lease_s: float
+    ) -> IdempotencyClaim:
+        """Claim the key for a request about to be accepted, or say whose it is.
+
+        An entry older than `ttl_s`, or one still unbound after `lease_s` (its request
+        died while being accepted), is taken over.
+        """
+        ...
+
+    def release_idempotent(self, key_id: str, idempotency: Idempotency) -> None:
+        """Give back a claim whose request made no job (it was refused)."""
+        ...
+
+    def forget_idempotent(self, created_before: float) -> int:
+        """Drop keys older than the cutoff (stores whose entries lapse by themselves: 0)."""
         ...
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from magicmix.jobs import (
     ACTIVE,
     Change,
+    Idempotency,
+    IdempotencyClaim,
     JobParams,
     JobRecord,
     JobResult,
@@ -48,6 +50,8 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.EXPIRED: frozenset(),
 }
 
+IDEMPOTENCY_TTL_S = 24 * 3600.0  # an Idempotency-Key answers with its job for this long
+IDEMPOTENCY_LEASE_S = 120.0  # a request being accepted holds its key this long at most
 Listener = Callable[[list[JobRecord]], None]
 """Called (from any thread) with jobs that just ended: wake waiters, nudge webhooks."""
 
@@ -81,9 +85,20 @@ class Lifecycle:
 
     # -- transitions ------------------------------------------------------------------
 
-    def create(self, key_id: str, params: JobParams, image: bytes) -> JobRecord:
-        """A queued job, its image stored; `Busy` when a queue limit is reached."""
-        job = self.store.insert(NewJob(key_id, params, self._clock()), image, self.limits)
+    def create(
+        self,
+        key_id: str,
+        params: JobParams,
+        image: bytes,
+        *,
+        idempotency: Idempotency | None = None,
+    ) -> JobRecord:
+        """A queued job, its image stored; `Busy` when a queue limit is reached.
+
+        With `idempotency` (claimed by `begin_idempotent`), the key is bound to the job.
+        """
+        new = NewJob(key_id, params, self._clock(), idempotency)
+        job = self.store.insert(new, image, self.limits)
         log.info(
             "job %s queued key=%s size=%dx%d steps=%d",
             job.id,
@@ -93,6 +108,19 @@ class Lifecycle:
             params.steps,
         )
         return job
+
+    def begin_idempotent(self, key_id: str, idempotency: Idempotency) -> IdempotencyClaim:
+        """Before accepting a request with an Idempotency-Key: is it ours, or a resend?"""
+        return self.store.begin_idempotent(
+            key_id,
+            idempotency,
+            now=self._clock(),
+            ttl_s=IDEMPOTENCY_TTL_S,
+            lease_s=IDEMPOTENCY_LEASE_S,
+        )
+
+    def release_idempotent(self, key_id: str, idempotency: Idempotency) -> None:
+        self.store.release_idempotent(key_id, idempotency)
 
     def claim(self, job_id: int, claimant: str) -> JobRecord | None:
         """Take a queued job to run it; None when it is gone, ended or taken by another.
@@ -162,6 +190,7 @@ class Lifecycle:
                 failed.append(ended)
         if failed:
             log.warning("sweep failed %d stuck jobs: %s", len(failed), [j.id for j in failed])
+        self.store.forget_idempotent(now - IDEMPOTENCY_TTL_S)
         return failed
 
     # -- the one place a status changes -----------------------------------------------

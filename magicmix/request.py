@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
 from magicmix.errors import InvalidInput
@@ -23,20 +23,44 @@ MAX_SEED = 2**63 - 1
 SIZE_STEP = 8  # SD's VAE downsamples by 8; sizes are rounded down to a multiple of it
 
 
+def _valid_text(value: str) -> str:
+    """Refuse strings that are not Unicode text: JSON's `"\\ud800"` decodes to a lone
+    surrogate, which no encoder (SQLite's, a JSON reply's) can write."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"must be valid Unicode text (a lone surrogate is at position {err.start})"
+        ) from err
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+"""A string field of a request: any Unicode text, and only that."""
+
+
 class MixParams(BaseModel):
     """The prompts and the paper's knobs, with the seed's defaults and ModelsLab's limits."""
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(..., min_length=1, max_length=2000, description="Content to mix in")
-    negative_prompt: str = Field("", max_length=2000, description="What to avoid")
+    prompt: Text = Field(..., min_length=1, max_length=2000, description="Content to mix in")
+    negative_prompt: Text = Field("", max_length=2000, description="What to avoid")
     width: int = Field(768, ge=256, le=1024, description="Rounded down to a multiple of 8")
     height: int = Field(768, ge=256, le=1024, description="Rounded down to a multiple of 8")
-    kmin: float = Field(0.3, ge=0, le=1, description="Where the content phase starts")
-    kmax: float = Field(0.5, ge=0, le=1, description="How far the layout is noised")
-    mix_factor: float = Field(0.5, ge=0, le=1, description="Weight of the denoised latents")
+    kmin: float = Field(
+        0.3, ge=0, allow_inf_nan=False, le=1, description="Where the content phase starts"
+    )
+    kmax: float = Field(
+        0.5, ge=0, allow_inf_nan=False, le=1, description="How far the layout is noised"
+    )
+    mix_factor: float = Field(
+        0.5, ge=0, allow_inf_nan=False, le=1, description="Weight of the denoised latents"
+    )
     steps: int = Field(20, ge=1, le=50, description="Denoising steps of the full schedule")
-    guidance_scale: float = Field(7.5, ge=0, le=30, description="Classifier-free guidance")
+    guidance_scale: float = Field(
+        7.5, ge=0, allow_inf_nan=False, le=30, description="Classifier-free guidance"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random")
 
     @field_validator("negative_prompt", mode="before")
@@ -74,12 +98,12 @@ def describe(name: str) -> str:
 class Submission(MixParams):
     """What a client submits besides its key: the params, the layout image, where to report."""
 
-    image: str = Field(
+    image: Text = Field(
         ..., min_length=1, description="Layout image: http(s) URL, data: URI or base64"
     )
     samples: int = Field(1, ge=1, le=1, description="Images per request (max 1)")
-    webhook: str | None = Field(None, max_length=2048, description="POSTed the final reply")
-    track_id: str | int | None = Field(
+    webhook: Text | None = Field(None, max_length=2048, description="POSTed the final reply")
+    track_id: Text | int | None = Field(
         None, union_mode="left_to_right", description="Echoed in the webhook body"
     )
 

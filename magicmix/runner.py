@@ -75,7 +75,11 @@ class JobRunner:
                 ended.append(self.lifecycle.fail(job.id, "the layout image was lost"))
                 continue
             try:
-                image = decode_image(data, max_pixels=self.settings.max_image_pixels)
+                image = decode_image(
+                    data,
+                    max_pixels=self.settings.max_image_pixels,
+                    max_decoded_bytes=self.settings.max_image_decoded_bytes,
+                )
             except MagicMixError as err:
                 ended.append(self.lifecycle.fail(job.id, err.message))
                 continue
@@ -114,7 +118,7 @@ class JobRunner:
             try:
                 details = S3Details.from_encrypted(self.box, blob)
                 check_s3_endpoint(details, self.settings)
-                bucket = UserBucket(details)
+                bucket = UserBucket(details, allow_private=self.settings.allow_private_urls)
                 uploaded = bucket.upload(name, data)
             except MagicMixError as err:
                 hours = f"{self.settings.retention_hours:g}"

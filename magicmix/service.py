@@ -9,6 +9,9 @@ lifecycle, and the `Dispatcher` (a local worker thread, or Modal's GPU class).
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,11 +22,11 @@ from typing import Any, Protocol
 from magicmix import __version__
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.errors import Busy, Forbidden, NotFound, StorageError
-from magicmix.inputs.images import decode_image
+from magicmix.errors import Busy, Conflict, Forbidden, InvalidInput, NotFound, StorageError
+from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.inputs.netguard import check_url
 from magicmix.inputs.sources import image_bytes_from_field
-from magicmix.jobs import JobRecord, params_from
+from magicmix.jobs import Idempotency, IdempotencyClaim, JobRecord, params_from
 from magicmix.keys import KeyStore, Principal
 from magicmix.lifecycle import Lifecycle, StaleAfter
 from magicmix.outputs.store import OutputStore
@@ -40,6 +43,7 @@ from magicmix.replies import (
 from magicmix.request import Submission, random_seed, validate_request
 
 log = logging.getLogger(__name__)
+REPLY_RESERVE_S = 5.0  # of a request's deadline, kept for the store calls of its reply
 
 
 @dataclass(frozen=True)
@@ -126,16 +130,84 @@ class MagicMixService:
 
     # -- magic_mix and fetch ----------------------------------------------------------
 
-    async def submit(self, body: Submission, principal: Principal) -> JobOut:
-        """Validate everything up front, queue the job, wait up to the sync window."""
+    async def submit(
+        self,
+        body: Submission,
+        principal: Principal,
+        *,
+        idempotency_key: str | None = None,
+        arrived: float | None = None,
+    ) -> JobOut:
+        """Validate everything up front, queue the job, wait up to the sync window.
+
+        With an `idempotency_key` (IETF httpapi draft semantics, per API key, 24 hours):
+        a resend of the same body answers with the first request's job; another body is
+        refused (422); while the first is still being accepted, 409.
+        The answer leaves within `request_deadline_s` of `arrived` (a `time.monotonic()`).
+        """
+        deadline = (arrived or time.monotonic()) + self.settings.request_deadline_s
+        if idempotency_key is None:
+            return await self._submit(body, principal, None, deadline)
+        idempotency = Idempotency(idempotency_key, fingerprint(body))
+        claim = await asyncio.to_thread(
+            self.lifecycle.begin_idempotent, principal.key_id, idempotency
+        )
+        if not claim.owned:
+            return await self._replay(claim, idempotency, deadline)
+        try:
+            return await self._submit(body, principal, idempotency, deadline)
+        except BaseException:  # refused before a job was made: the key is free again
+            await asyncio.to_thread(  # (a key bound to a job is never released)
+                self.lifecycle.release_idempotent, principal.key_id, idempotency
+            )
+            raise
+
+    async def _replay(
+        self, claim: IdempotencyClaim, idempotency: Idempotency, deadline: float
+    ) -> JobOut:
+        if claim.fingerprint != idempotency.fingerprint:
+            raise InvalidInput(
+                "this Idempotency-Key was already used with a different request body; use a"
+                " new key for a new request",
+                field="Idempotency-Key",
+            )
+        if claim.job_id is None:
+            raise Conflict(
+                "a request with this Idempotency-Key is still being accepted; retry shortly"
+            )
+        log.info("job %s: replayed for its Idempotency-Key", claim.job_id)
+        job = await self.wait(claim.job_id, self._wait_s(deadline))
+        return await asyncio.to_thread(self.reply, job)
+
+    def _wait_s(self, deadline: float) -> float:
+        """The sync wait, cut to leave time for the reply before the request's deadline."""
+        left = deadline - time.monotonic() - REPLY_RESERVE_S
+        return max(0.0, min(self.settings.sync_wait_s, left))
+
+    async def _submit(
+        self,
+        body: Submission,
+        principal: Principal,
+        idempotency: Idempotency | None,
+        deadline: float,
+    ) -> JobOut:
         # shed load before any fetch; store calls run off the event loop (on Modal they are
         # network round trips, locally a write may wait on SQLite's busy timeout)
         if await asyncio.to_thread(self.jobs.queue_length) >= self.settings.max_queue:
             raise Busy("the queue is full; retry shortly", retry_after=10)
-        data = await image_bytes_from_field(body.image, self.settings)
-        image = await asyncio.to_thread(  # decoding up to 40 MP must not stall the loop
-            decode_image, data, max_pixels=self.settings.max_image_pixels
+        data = await image_bytes_from_field(
+            body.image, self.settings, within_s=deadline - time.monotonic() - REPLY_RESERVE_S
         )
+        # decoded once, here, and shrunk to the size the engine needs before anything else
+        # (off the event loop); the job keeps that small image, not the upload
+        image = await asyncio.to_thread(
+            decode_image,
+            data,
+            max_pixels=self.settings.max_image_pixels,
+            max_decoded_bytes=self.settings.max_image_decoded_bytes,
+            reduce_to=(body.width, body.height),
+        )
+        layout = await asyncio.to_thread(png_bytes, image)
         if body.webhook:
             await asyncio.to_thread(
                 check_url,
@@ -149,9 +221,14 @@ class MagicMixService:
             image_ref=describe_image_field(body.image, len(data)),
         )
         validate_request(params.mix_request(image))
-        job = await asyncio.to_thread(self.lifecycle.create, principal.key_id, params, data)
+        job = await asyncio.to_thread(
+            functools.partial(self.lifecycle.create, idempotency=idempotency),
+            principal.key_id,
+            params,
+            layout,
+        )
         await self.dispatcher.submit(job)
-        job = await self.wait(job.id, self.settings.sync_wait_s)
+        job = await self.wait(job.id, self._wait_s(deadline))
         return await asyncio.to_thread(self.reply, job)
 
     async def fetch(self, job_id: int, principal: Principal) -> JobOut:
@@ -248,7 +325,8 @@ class MagicMixService:
         """Prove the details work (write and delete a probe object), then store them."""
         # the probe must not become a way to scan internal hosts: check where boto3 connects
         await asyncio.to_thread(check_s3_endpoint, details, self.settings)
-        await asyncio.to_thread(UserBucket(details).probe)
+        bucket = UserBucket(details, allow_private=self.settings.allow_private_urls)
+        await asyncio.to_thread(bucket.probe)
         await asyncio.to_thread(self.keys.set_s3, principal.key_id, details.to_encrypted(self.box))
         log.info("key %s saved S3 details for bucket %s", principal.key_id, details.bucket)
         where = f"s3://{details.bucket}/{details.image_directory}".rstrip("/")
@@ -304,6 +382,12 @@ def sweep(lifecycle: Lifecycle, outputs: OutputStore, settings: Settings) -> Swe
             len(failed),
         )
     return SweepReport(removed, expired, [job.id for job in failed])
+
+
+def fingerprint(body: Submission) -> str:
+    """The body as parsed (so spacing and key order do not matter), as a digest."""
+    fields = body.model_dump(mode="json", exclude={"key"})
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def describe_image_field(value: str, size: int) -> str:

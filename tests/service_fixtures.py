@@ -20,6 +20,7 @@ from magicmix.backends.local.compose import build_local_service, open_key_store
 from magicmix.config import Settings
 from magicmix.http.app import create_app
 from magicmix.http.schemas import SEED_EXAMPLE
+from magicmix.http.server import uvicorn_config
 from magicmix.service import MagicMixService
 from tests.conftest import make_layout_image
 from tests.http_fixtures import LoopbackServer, free_port, respond
@@ -95,11 +96,15 @@ def serve(settings: Settings) -> Iterator[RunningService]:
     service = build_local_service(settings)
     keys = open_key_store(settings)
     key, admin_key = keys.create().key, keys.create(admin=True).key
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(service), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-        )
+    config = uvicorn_config(
+        create_app(service),
+        host="127.0.0.1",
+        port=port,
+        settings=settings,
+        log_level="warning",
+        lifespan="on",
     )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

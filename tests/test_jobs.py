@@ -17,6 +17,8 @@ from magicmix.backends.local.db import Database
 from magicmix.backends.local.jobs import SqliteJobStore
 from magicmix.errors import Busy
 from magicmix.jobs import (
+    Idempotency,
+    IdempotencyClaim,
     JobParams,
     JobRecord,
     JobResult,
@@ -349,3 +351,42 @@ def test_webhooks_due_respects_the_limit(lifecycle: Lifecycle) -> None:
     for _ in range(5):
         lifecycle.fail(create(lifecycle, webhook="http://h.invalid/").id, "x")
     assert len(lifecycle.store.webhooks_due(1e12, 3)) == 3
+
+
+# -- Idempotency-Key ---------------------------------------------------------------------
+
+IDEM = Idempotency("client-key-1", "fingerprint-a")
+
+
+def begin(store: JobStore, clock: Clock, idem: Idempotency = IDEM, key_id: str = "k1"):  # type: ignore[no-untyped-def]
+    return store.begin_idempotent(key_id, idem, now=clock.now, ttl_s=86400, lease_s=120)
+
+
+def test_an_idempotency_key_is_claimed_once_then_answers_with_its_job(
+    lifecycle: Lifecycle, clock: Clock
+) -> None:
+    store = lifecycle.store
+    assert begin(store, clock).owned
+    assert begin(store, clock) == IdempotencyClaim(False, "fingerprint-a", None)  # 409 case
+    other = Idempotency("client-key-1", "fingerprint-b")
+    assert begin(store, clock, other).fingerprint == "fingerprint-a"  # 422 case
+    assert begin(store, clock, key_id="k2").owned  # per API key
+    job = lifecycle.create("k1", params(), b"img", idempotency=IDEM)
+    assert begin(store, clock) == IdempotencyClaim(False, "fingerprint-a", job.id)
+    lifecycle.release_idempotent("k1", IDEM)  # a bound key is never released
+    assert begin(store, clock).job_id == job.id
+
+
+def test_a_refused_request_releases_its_key_and_stale_claims_are_taken_over(
+    lifecycle: Lifecycle, clock: Clock
+) -> None:
+    store = lifecycle.store
+    assert begin(store, clock).owned
+    lifecycle.release_idempotent("k1", IDEM)
+    assert begin(store, clock).owned  # free again after the release
+    clock.now += 121  # the accepting request died: its lease ran out
+    assert begin(store, clock).owned
+    job = lifecycle.create("k1", params(), b"img", idempotency=IDEM)
+    clock.now += 86400 + 1  # past 24 hours even a bound key starts afresh
+    claim = begin(store, clock)
+    assert claim.owned and claim.job_id is None and job.id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -102,3 +103,35 @@ def test_jobs_queued_before_a_kill_complete_after_restart(
     outputs = sorted(p.name for p in (tmp_path / "data" / "outputs").iterdir())
     assert len(outputs) == len(ids)  # exactly one result per job, even for re-run ones
     assert {name.split("-")[0] for name in outputs} == {str(i) for i in ids}
+
+
+def test_a_resend_after_a_kill_gets_the_first_jobs_reply(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Idempotency-Key across a crash: the key was bound to its job in the job's insert."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "MAGICMIX_DATA_DIR": str(tmp_path / "data"),
+        "MAGICMIX_MODEL": str(tiny_model_dir),
+        "MAGICMIX_DEVICE": "cpu",
+        "MAGICMIX_SYNC_WAIT_S": "0",
+        "MAGICMIX_PUBLIC_URL": base,
+        "MAGICMIX_API_KEYS": KEY,
+        "MAGICMIX_SECRET_KEY": "restart-secret",
+        "MAGICMIX_LOG_LEVEL": "WARNING",
+    }
+    layout = base64.b64encode(png(make_layout_image())).decode()
+    body = {"key": KEY, "prompt": "Bed", "image": layout, "width": 256, "height": 256, "seed": 3}
+    headers = {"Idempotency-Key": "pay-once-17"}
+    with server_process(env, port) as first:
+        reply = httpx.post(base + MIX, json=body, headers=headers, timeout=30).json()
+        assert reply["status"] in ("processing", "success"), reply
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    with server_process(env, port):
+        again = httpx.post(base + MIX, json=body, headers=headers, timeout=30)
+        assert again.status_code == 200 and again.json()["id"] == reply["id"]
+        other = httpx.post(base + MIX, json={**body, "seed": 4}, headers=headers, timeout=30)
+        assert other.status_code == 422

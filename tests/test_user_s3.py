@@ -172,13 +172,17 @@ def test_encrypted_blob_roundtrips_without_secrets_in_clear() -> None:
 
 
 def test_probe_ok_leaves_nothing_behind(s3_server: str, s3_client: S3Client, bucket: str) -> None:
-    UserBucket(details(endpoint_url=f"{s3_server}/{bucket}", image_directory="imgs")).probe()
+    UserBucket(
+        details(endpoint_url=f"{s3_server}/{bucket}", image_directory="imgs"), allow_private=True
+    ).probe()
     assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
 
 
 def test_probe_missing_bucket(s3_server: str) -> None:
     with pytest.raises(errors.InvalidInput) as info:
-        UserBucket(details(endpoint_url=f"{s3_server}/no-such-bucket-xyz")).probe()
+        UserBucket(
+            details(endpoint_url=f"{s3_server}/no-such-bucket-xyz"), allow_private=True
+        ).probe()
     assert info.value.field == "bucket"
     assert info.value.message == "bucket 'no-such-bucket-xyz' does not exist"
 
@@ -189,7 +193,9 @@ def test_probe_bad_endpoint_fails_fast() -> None:
         port = sock.getsockname()[1]
     started = time.monotonic()
     with pytest.raises(errors.InvalidInput) as info:
-        UserBucket(details(endpoint_url=f"http://127.0.0.1:{port}/pics")).probe()
+        UserBucket(
+            details(endpoint_url=f"http://127.0.0.1:{port}/pics"), allow_private=True
+        ).probe()
     assert time.monotonic() - started < 10
     assert info.value.field == "endpoint_url"
     assert info.value.message.startswith(f"cannot reach endpoint_url http://127.0.0.1:{port}/pics")
@@ -228,7 +234,9 @@ def iam_user(s3_server: str, bucket: str) -> Iterator[dict[str, str]]:
 
 
 def test_the_user_policy_is_enough_to_probe_and_upload(iam_user: dict[str, str]) -> None:
-    user_bucket = UserBucket(details(**iam_user, public_url="https://cdn.example.com"))
+    user_bucket = UserBucket(
+        details(**iam_user, public_url="https://cdn.example.com"), allow_private=True
+    )
     user_bucket.probe()
     assert user_bucket.upload("1-a.png", PNG).note is None
 
@@ -249,7 +257,7 @@ def test_probe_access_denied(
     iam_user: dict[str, str], change: dict[str, str], field: str, code: str
 ) -> None:
     with pytest.raises(errors.InvalidInput) as info:
-        UserBucket(details(**(iam_user | change))).probe()
+        UserBucket(details(**(iam_user | change)), allow_private=True).probe()
     assert info.value.field == field
     assert f"access denied to bucket '{iam_user['endpoint_url'].rsplit('/', 1)[1]}' ({code})" in (
         info.value.message
@@ -264,7 +272,8 @@ def test_probe_access_denied(
 def test_upload_with_public_url(s3_server: str, s3_client: S3Client, bucket: str) -> None:
     public_url = f"{s3_server}/{bucket}/"
     user_bucket = UserBucket(
-        details(endpoint_url=f"{s3_server}/{bucket}", public_url=public_url, image_directory="r/1")
+        details(endpoint_url=f"{s3_server}/{bucket}", public_url=public_url, image_directory="r/1"),
+        allow_private=True,
     )
     result = user_bucket.upload("511-abc.png", PNG)
     assert result.key == "r/1/511-abc.png"
@@ -279,7 +288,9 @@ def test_upload_with_public_url(s3_server: str, s3_client: S3Client, bucket: str
 
 
 def test_upload_without_public_url_is_presigned(s3_server: str, bucket: str) -> None:
-    result = UserBucket(details(endpoint_url=f"{s3_server}/{bucket}")).upload("7-x.png", PNG)
+    result = UserBucket(details(endpoint_url=f"{s3_server}/{bucket}"), allow_private=True).upload(
+        "7-x.png", PNG
+    )
     assert result.key == "7-x.png"
     assert f"X-Amz-Expires={PRESIGN_SECONDS}" in result.url
     response = http_get(result.url)
@@ -303,12 +314,13 @@ def test_upload_where_acls_are_refused(s3_server: str, s3_client: S3Client, buck
     resolved = details(endpoint_url=f"{s3_server}/{bucket}", public_url="https://cdn.example.com")
     client = make_s3_client(
         resolved.api_url,
+        allow_private=True,
         region_name=REGION,
         access_key_id=DUMMY_KEY_ID,
         secret_access_key=DUMMY_SECRET,
     )
     client.meta.events.register("before-call.s3.PutObject", refuse_acls)
-    result = UserBucket(resolved, client=client).upload("9-z.png", PNG)
+    result = UserBucket(resolved, allow_private=True, client=client).upload("9-z.png", PNG)
     assert result.url == "https://cdn.example.com/9-z.png"
     assert result.note is not None
     assert "refused the public-read ACL (AccessControlListNotSupported)" in result.note
@@ -316,7 +328,9 @@ def test_upload_where_acls_are_refused(s3_server: str, s3_client: S3Client, buck
 
 
 def test_upload_failure_is_a_storage_error(s3_server: str) -> None:
-    user_bucket = UserBucket(details(endpoint_url=f"{s3_server}/gone-bucket-xyz"))
+    user_bucket = UserBucket(
+        details(endpoint_url=f"{s3_server}/gone-bucket-xyz"), allow_private=True
+    )
     with pytest.raises(errors.StorageError) as info:
         user_bucket.upload("1-a.png", PNG)
     assert "bucket 'gone-bucket-xyz' does not exist" in info.value.message
@@ -325,4 +339,4 @@ def test_upload_failure_is_a_storage_error(s3_server: str) -> None:
 
 def test_upload_refuses_paths() -> None:
     with pytest.raises(ValueError, match="plain file name"):
-        UserBucket(details(bucket="pics")).upload("../escape.png", PNG)
+        UserBucket(details(bucket="pics"), allow_private=True).upload("../escape.png", PNG)

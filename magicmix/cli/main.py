@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -60,7 +59,7 @@ def mix(
             seed=seed,
         )
         request = MixRequest(
-            image=read_image_source(image, settings),
+            image=read_image_source(image, settings, reduce_to=(params.width, params.height)),
             **params.model_dump(include=set(ENGINE_FIELDS)),
         )
         validate_request(request)  # before the model loads: bad values fail in a blink
@@ -101,44 +100,52 @@ def build_random(
 
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+OnModal = Annotated[
+    bool, typer.Option("--modal", help="The deployed Modal app's keys, not the local ones.")
+]
+
+
+def _keys(action: str, *, on_modal: bool, key_id: str = "", admin: bool = False) -> str:
+    """Run a key action locally, or in the deployed app (`modal_app.manage_keys`)."""
+    if on_modal:
+        import modal
+
+        function = modal.Function.from_name("magicmix", "manage_keys")
+        return str(function.remote(action, key_id, admin))
+    from magicmix.backends.local.compose import open_key_store
+    from magicmix.keys import key_action
+
+    try:
+        return key_action(open_key_store(get_settings()), action, key_id=key_id, admin=admin)
+    except MagicMixError as err:
+        raise fail(err.message) from err
 
 
 @keys_app.command("create")
 def keys_create(
     admin: Annotated[bool, typer.Option(help="May call clear_queue, restart_server...")] = False,
+    on_modal: OnModal = False,
 ) -> None:
     """Print a new API key and its webhook signing secret (shown once, stored hashed)."""
-    from magicmix.backends.local.compose import open_key_store
-
-    new = open_key_store(get_settings()).create(admin=admin)
-    typer.echo(new.key)
-    typer.echo(f"key id: {new.key_id}{' (admin)' if new.admin else ''}", err=True)
-    typer.echo(f"webhook signing secret: {new.webhook_secret}", err=True)
+    key, *details = _keys("create", on_modal=on_modal, admin=admin).splitlines()
+    typer.echo(key)  # alone on stdout, so `KEY=$(magicmix keys create)` works
+    for line in details:
+        typer.echo(line, err=True)
 
 
 @keys_app.command("list")
-def keys_list() -> None:
+def keys_list(on_modal: OnModal = False) -> None:
     """List keys: id, role, created, revoked (never the keys themselves)."""
-    from magicmix.backends.local.compose import open_key_store
-
-    for info in open_key_store(get_settings()).list():
-        created = "from MAGICMIX_API_KEYS" if info.static else _when(info.created_at)
-        revoked = f"  revoked {_when(info.revoked_at)}" if info.revoked_at else ""
-        typer.echo(f"{info.key_id}  {'admin' if info.admin else 'user '}  {created}{revoked}")
+    typer.echo(_keys("list", on_modal=on_modal))
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (keys list).")]) -> None:
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id (keys list).")],
+    on_modal: OnModal = False,
+) -> None:
     """Refuse a key from now on (its jobs and S3 details are kept)."""
-    from magicmix.backends.local.compose import open_key_store
-
-    if not open_key_store(get_settings()).revoke(key_id):
-        raise fail(f"no active key {key_id!r} (static keys are removed from MAGICMIX_API_KEYS)")
-    typer.echo(f"revoked {key_id}", err=True)
-
-
-def _when(timestamp: float | None) -> str:
-    return datetime.fromtimestamp(timestamp or 0, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    typer.echo(_keys("revoke", on_modal=on_modal, key_id=key_id), err=True)
 
 
 @app.command()
@@ -154,17 +161,13 @@ def serve(
 
     from magicmix.backends.local.compose import build_local_service, open_key_store
     from magicmix.http.app import create_app
+    from magicmix.http.server import uvicorn_config
 
     settings = get_settings()
     if print_curl:
         print_quickstart(open_key_store(settings).create(admin=True).key, settings)
-    uvicorn.run(
-        create_app(build_local_service(settings)),
-        host=host,
-        port=port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-    )
+    app = create_app(build_local_service(settings))
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, settings=settings)).run()
 
 
 def print_quickstart(key: str, settings: Settings) -> None:

@@ -243,7 +243,7 @@ def sweep_command(
             seed=seed,
         )
         base = MixRequest(
-            image=read_image_source(image, settings),
+            image=read_image_source(image, settings, reduce_to=(params.width, params.height)),
             **params.model_dump(include=set(ENGINE_FIELDS)),
         )
         for request in plan.requests(base):  # refuse a bad cell before loading the model

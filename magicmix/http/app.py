@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from magicmix import __version__
 from magicmix.http.errors import install_error_handlers
-from magicmix.http.middleware import AccessLog, BodySizeLimit
+from magicmix.http.middleware import AccessLog, BodyGuard
 from magicmix.http.routes import files, mix, s3, system
 from magicmix.service import MagicMixService
 
@@ -37,7 +37,14 @@ def create_app(service: MagicMixService) -> FastAPI:
     )
     app.state.service = service
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_body_bytes)
+    settings = service.settings
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        max_containers=settings.max_json_containers,
+        authenticate=service.authenticate,
+    )
     app.add_middleware(AccessLog)
     for module in (mix, system, s3, files):
         app.include_router(module.router)

@@ -50,8 +50,10 @@ def magicmix_error_response(err: MagicMixError) -> JSONResponse:
 
 
 def _field_of(location: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in location if p not in ("body", "path", "query")]
-    return ".".join(parts) or "body"
+    """The request field an error is about: bodies are flat, so the first name counts
+    (pydantic adds union members after it, e.g. `track_id.int`)."""
+    parts = [str(p) for p in location if p not in ("body", "path", "query", "header")]
+    return parts[0] if parts else "body"
 
 
 async def on_magicmix_error(request: Request, err: Exception) -> JSONResponse:

@@ -1,63 +1,138 @@
-"""ASGI middleware: the body-size limit and the access log.
+"""ASGI middleware: limits on every request body checked before it is parsed; the access log.
 
-Starlette has no body-size limit of its own, hence `BodySizeLimit` (413 before a body
-over the limit is buffered in full, declared or chunked).
+Starlette has neither a body-size limit nor a body-read timeout, and FastAPI parses a
+body (on the event loop) before any dependency runs, so the key check of `http.deps`
+comes too late to stop an unauthenticated client from costing seconds of parsing.
+`BodyGuard` reads the body itself first, within limits of bytes, time and structure,
+refuses a body whose key is known to be wrong without parsing it, and hands the bytes on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import re
 import time
+from collections.abc import Callable
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from magicmix.errors import PayloadTooLarge
+from magicmix.errors import InvalidInput, MagicMixError, PayloadTooLarge, Unauthorized
 from magicmix.http.errors import error_response
 from magicmix.http.schemas import ErrorOut
 
 log = logging.getLogger("magicmix.http.access")
 
+# `"key": "..."` anywhere in the raw body; the key field is at most 256 characters
+_KEY = re.compile(rb'"key"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
 
-class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` (413) before they are buffered in full."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+class BodyGuard:
+    """Read each POST body within limits, then check its key before anything parses it.
+
+    - more than `max_bytes` (declared or sent): 413;
+    - not all there within `timeout_s` of the first byte asked for: 408;
+    - more than `max_containers` JSON arrays and objects (`[` and `{`; our bodies are
+      flat objects): 422, since millions of `[]` cost seconds and hundreds of MB to parse;
+    - a `"key"` that `authenticate` refuses: 401.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        max_containers: int,
+        authenticate: Callable[[str], object],
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.max_containers = max_containers
+        self.authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        try:
+            body = await self._read(scope, receive)
+            await self._check(body)
+        except MagicMixError as err:
+            errors = {err.field: err.message} if err.field else None
+            await _answer(send, err.status_code, ErrorOut(message=err.message, errors=errors))
+            return
+        except TimeoutError:
+            await _answer(
+                send, 408, ErrorOut(message=f"the body did not arrive within {self.timeout_s:g} s")
+            )
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytes:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(send)
-            return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
+            raise PayloadTooLarge(f"request body is over {self.max_bytes} bytes")
+        body = bytearray()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                message = await receive()
+            if message["type"] == "http.disconnect":
+                raise MagicMixError("the client went away")
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
                 raise PayloadTooLarge(f"request body is over {self.max_bytes} bytes")
-            return message
+            if not message.get("more_body", False):
+                return bytes(body)
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except PayloadTooLarge:
-            await self._too_large(send)
+    async def _check(self, body: bytes) -> None:
+        match = _KEY.search(body)
+        key = None
+        if match is not None:
+            with contextlib.suppress(ValueError):
+                key = json.loads(b'"' + match.group(1) + b'"')
+        if key is not None:  # no plain key: the route's own validation says what is wrong
+            try:
+                await run_in_threadpool(self.authenticate, key)
+            except Unauthorized:
+                raise
+            except MagicMixError:  # e.g. the key store is busy: let the route decide
+                pass
+        containers = body.count(b"[") + body.count(b"{")
+        if containers > self.max_containers:
+            raise InvalidInput(
+                f"the body has {containers} JSON arrays and objects; at most"
+                f" {self.max_containers} are accepted",
+                field="body",
+            )
 
-    async def _too_large(self, send: Send) -> None:
-        response = error_response(
-            413, ErrorOut(message=f"request body is over {self.max_bytes} bytes")
-        )
-        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
+
+async def _answer(send: Send, status: int, body: ErrorOut) -> None:
+    response = error_response(status, body)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class AccessLog:
-    """One line per request: method, path (never the query string), status, time."""
+    """One line per request: method, path (never the query string), status, time.
+
+    The outermost middleware, so it also stamps the request's arrival
+    (`request.state.arrived`, monotonic), from which the request's deadline counts.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -67,6 +142,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope.setdefault("state", {})["arrived"] = time.monotonic()
         status = 500
 
         async def record(message: Message) -> None:

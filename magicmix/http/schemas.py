@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from magicmix.request import Submission
+from magicmix.request import Submission, Text
 
 SEED_EXAMPLE: dict[str, Any] = {
     "key": "your-api-key",
@@ -38,7 +38,7 @@ class KeyIn(BaseModel):
         extra="ignore", json_schema_extra={"example": {"key": "your-api-key"}}
     )
 
-    key: str = Field(..., min_length=1, max_length=256, description="Your API key")
+    key: Text = Field(..., min_length=1, max_length=256, description="Your API key")
 
 
 class MagicMixIn(KeyIn, Submission):
@@ -53,18 +53,18 @@ class MagicMixIn(KeyIn, Submission):
 class UpdateS3In(KeyIn):
     """Body of `POST /api/v1/enterprise/update_s3` (ModelsLab's fields, plus `bucket`)."""
 
-    deploy_type: str | None = Field(None, max_length=64)
-    public_url: str | None = Field(None, max_length=1024)
-    region_name: str | None = Field(None, max_length=64)
-    endpoint_url: str | None = Field(None, max_length=1024)
-    aws_access_key_id: str = Field(..., min_length=1, max_length=256)
-    aws_secret_access_key: str = Field(..., min_length=1, max_length=512)
-    image_directory: str | None = Field("", max_length=512)
-    bucket: str | None = Field(None, max_length=255)
+    deploy_type: Text | None = Field(None, max_length=64)
+    public_url: Text | None = Field(None, max_length=1024)
+    region_name: Text | None = Field(None, max_length=64)
+    endpoint_url: Text | None = Field(None, max_length=1024)
+    aws_access_key_id: Text = Field(..., min_length=1, max_length=256)
+    aws_secret_access_key: Text = Field(..., min_length=1, max_length=512)
+    image_directory: Text | None = Field("", max_length=512)
+    bucket: Text | None = Field(None, max_length=255)
 
 
 class ResetS3In(KeyIn):
-    deploy_type: str | None = Field(None, max_length=64)
+    deploy_type: Text | None = Field(None, max_length=64)
 
 
 # --- errors (the other replies are the service's: `magicmix.replies`) -------------------

@@ -24,9 +24,17 @@ from magicmix.inputs.netguard import (
 MAX_REDIRECTS = 5
 
 
-async def fetch_image_bytes(url: str, settings: Settings, *, field: str = "image") -> bytes:
-    """The body at `url`, after up to `MAX_REDIRECTS` checked redirects; errors are client-safe."""
+async def fetch_image_bytes(
+    url: str, settings: Settings, *, field: str = "image", within_s: float | None = None
+) -> bytes:
+    """The body at `url`, after up to `MAX_REDIRECTS` checked redirects; errors are client-safe.
+
+    All of it takes at most `fetch_timeout_s`, or `within_s` when that is shorter (what is
+    left of the request's own deadline).
+    """
     deadline_s = settings.fetch_timeout_s
+    if within_s is not None:
+        deadline_s = max(0.5, min(deadline_s, within_s))
     try:
         async with (
             asyncio.timeout(deadline_s),

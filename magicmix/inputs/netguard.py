@@ -1,16 +1,20 @@
-"""SSRF guard: user-given URLs (layout images, webhooks) may only reach public addresses.
+"""SSRF guard: every outbound connection (layout images, webhooks, S3) goes through here.
 
 Two layers, because a check alone is not enough:
 
 1. `check_url` validates a URL before any request: http(s) only, no credentials, and every
-   address its host resolves to must be public. This gives the client a clear error early.
-2. `guarded_async_client` resolves and checks again when a connection is opened, and then
-   connects to the very address it checked. A name that resolved to a public address for
-   `check_url` and to 127.0.0.1 a moment later (DNS rebinding) is still refused.
+   address its host resolves to must be allowed. This gives the client a clear error early.
+2. The guarded clients (`guarded_async_client`, `guarded_client`) resolve and check again
+   when a connection is opened, and then connect to the very address they checked: the
+   one resolve-check-connect path. A name that resolved to a public address for
+   `check_url` and to 127.0.0.1 a moment later (DNS rebinding) is still refused. boto3
+   sends through `guarded_client` too (`outputs.s3`), so S3 endpoints get the same check.
 
 `allow_private=True` (MAGICMIX_ALLOW_PRIVATE_URLS, dev and tests) lets loopback and
-private-network addresses through; link-local (cloud metadata), multicast, unspecified and
-reserved addresses stay refused whatever the setting.
+private-network addresses through; cloud metadata endpoints (link-local, and the few that
+live in private ranges: Alibaba's 100.100.100.200, AWS's fd00:ec2::254, Azure's
+168.63.129.16), multicast, unspecified and reserved addresses stay refused whatever the
+setting.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 import anyio
 import httpcore
@@ -35,6 +40,16 @@ _PRIVATE_NETWORKS = tuple(
         "192.168.0.0/16",
         "100.64.0.0/10",  # shared address space (carrier-grade NAT, also VPN overlays)
         "fc00::/7",  # unique local addresses
+    )
+)
+# Metadata and host-agent endpoints inside ranges that `allow_private` opens: never allowed.
+_METADATA = tuple(
+    ipaddress.ip_address(address)
+    for address in (
+        "100.100.100.200",  # Alibaba Cloud metadata (in the shared 100.64.0.0/10 range)
+        "fd00:ec2::254",  # AWS instance metadata over IPv6 (a unique local address)
+        "168.63.129.16",  # Azure's host agent (WireServer)
+        "192.0.0.192",  # Oracle Cloud metadata
     )
 )
 # IPv6 forms that carry an IPv4 address inside; judged by the address they carry.
@@ -56,9 +71,27 @@ def check_url(url: str, *, allow_private: bool, field: str) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
         raise InvalidInput(f"{field} URL host '{host}' could not be resolved", field=field) from err
-    refusal = _first_refusal((str(info[4][0]) for info in infos), allow_private=allow_private)
+    refusal = _first_refusal(_addresses(infos), allow_private=allow_private)
     if refusal is not None:
         raise InvalidInput(f"{field} URL points to {refusal}; refused", field=field)
+
+
+def _addresses(infos: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The distinct addresses of `getaddrinfo` results, in order."""
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _allowed_addresses(
+    host: str, infos: Iterable[tuple[Any, ...]], *, allow_private: bool
+) -> list[str]:
+    """The addresses to connect to, or `RefusedAddress` if any of them is forbidden."""
+    addresses = _addresses(infos)
+    refusal = _first_refusal(addresses, allow_private=allow_private)
+    if refusal is not None:
+        raise RefusedAddress(f"URL host {host} resolves to {refusal}; refused")
+    if not addresses:
+        raise httpcore.ConnectError(f"no address found for host {host}")
+    return addresses
 
 
 def _first_refusal(addresses: Iterable[str], *, allow_private: bool) -> str | None:
@@ -78,9 +111,27 @@ def guarded_async_client(*, allow_private: bool, timeout_s: float) -> httpx.Asyn
     and .netrc are ignored (`trust_env=False`): a proxy would make the address check moot.
     """
     transport = httpx.AsyncHTTPTransport()
-    _use_network_backend(transport, _GuardedBackend(allow_private=allow_private))
+    transport._pool = httpcore.AsyncConnectionPool(  # see `_pool_note`
+        ssl_context=httpx.create_ssl_context(),
+        network_backend=_GuardedAsyncBackend(allow_private=allow_private),
+    )
     return httpx.AsyncClient(
         transport=transport, timeout=timeout_s, follow_redirects=False, trust_env=False
+    )
+
+
+def guarded_client(
+    *, allow_private: bool, timeout: httpx.Timeout, max_connections: int = 10
+) -> httpx.Client:
+    """The blocking twin of `guarded_async_client` (boto3 sends through it)."""
+    transport = httpx.HTTPTransport()
+    transport._pool = httpcore.ConnectionPool(  # see `_pool_note`
+        ssl_context=httpx.create_ssl_context(),
+        network_backend=_GuardedSyncBackend(allow_private=allow_private),
+        max_connections=max_connections,
+    )
+    return httpx.Client(
+        transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
     )
 
 
@@ -140,6 +191,8 @@ def _forbidden_kind(ip: IPAddress, *, allow_private: bool) -> str | None:
         return "an unspecified"
     if ip.is_link_local:
         return "a link-local (cloud metadata)"
+    if ip in _METADATA:
+        return "a cloud metadata"
     if ip.is_multicast:
         return "a multicast"
     if ip.is_loopback or any(ip in net for net in _PRIVATE_NETWORKS):
@@ -161,12 +214,15 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Resolves, checks every address, then connects to a checked IP.
+_pool_note = """httpx has no public parameter for httpcore's network backend, so the
+guarded clients swap their transport's private `_pool` for an httpcore connection pool
+(public API) built with httpx's default TLS settings and the guarded backend. httpcore
+passes the URL's hostname to `start_tls` apart from the address, so certificates are
+still verified against the name in the URL, not the IP connected to."""
 
-    httpcore passes the URL's hostname to `start_tls` separately, so certificates are still
-    verified against the name in the URL, not against the IP we connect to.
-    """
+
+class _GuardedAsyncBackend(httpcore.AsyncNetworkBackend):
+    """Resolves, checks every address, then connects to a checked IP."""
 
     def __init__(self, *, allow_private: bool) -> None:
         self._allow_private = allow_private
@@ -187,12 +243,8 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from err
         except (socket.gaierror, UnicodeError) as err:
             raise httpcore.ConnectError(f"cannot resolve host {host}") from err
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        refusal = _first_refusal(addresses, allow_private=self._allow_private)
-        if refusal is not None:
-            raise RefusedAddress(f"URL host {host} resolves to {refusal}; refused")
         last_error: Exception = httpcore.ConnectError(f"no address found for host {host}")
-        for address in addresses:
+        for address in _allowed_addresses(host, infos, allow_private=self._allow_private):
             try:
                 return await self._inner.connect_tcp(
                     address,
@@ -209,16 +261,38 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def _use_network_backend(
-    transport: httpx.AsyncHTTPTransport, backend: httpcore.AsyncNetworkBackend
-) -> None:
-    """Make `transport` open its connections through `backend`.
+class _GuardedSyncBackend(httpcore.NetworkBackend):
+    """The blocking twin of `_GuardedAsyncBackend`."""
 
-    httpx has no public parameter for httpcore's network backend, so this swaps the
-    transport's private `_pool` for an `httpcore.AsyncConnectionPool` (public API) built with
-    httpx's default TLS settings and `backend`. Kept to this one function on purpose.
-    """
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(),
-        network_backend=backend,
-    )
+    def __init__(self, *, allow_private: bool) -> None:
+        self._allow_private = allow_private
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as err:
+            raise httpcore.ConnectError(f"cannot resolve host {host}") from err
+        last_error: Exception = httpcore.ConnectError(f"no address found for host {host}")
+        for address in _allowed_addresses(host, infos, allow_private=self._allow_private):
+            try:
+                return self._inner.connect_tcp(
+                    address,
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as err:
+                last_error = err
+        raise last_error
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)

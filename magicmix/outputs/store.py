@@ -228,5 +228,7 @@ def open_store(settings: Settings) -> OutputStore:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"MAGICMIX_STORE_URL {url!r} names no bucket: use s3://bucket/prefix")
-        return S3Store(parts.netloc, parts.path, client=make_s3_client(settings.s3_endpoint_url))
+        # the operator's own store: it may live on a private network (metadata stays refused)
+        client = make_s3_client(settings.s3_endpoint_url, allow_private=True)
+        return S3Store(parts.netloc, parts.path, client=client)
     raise ValueError(f"MAGICMIX_STORE_URL must be file://DIR or s3://bucket/prefix, not {url!r}")

@@ -232,11 +232,14 @@ class UploadResult:
 class UserBucket:
     """A user's bucket reached with their own credentials."""
 
-    def __init__(self, details: S3Details, *, client: S3Client | None = None) -> None:
+    def __init__(
+        self, details: S3Details, *, allow_private: bool, client: S3Client | None = None
+    ) -> None:
         self.details = details
         self.bucket = details.bucket_name
         self._client = client or make_s3_client(
             details.api_url,
+            allow_private=allow_private,
             region_name=details.region_name,
             access_key_id=details.aws_access_key_id.get_secret_value(),
             secret_access_key=details.aws_secret_access_key.get_secret_value(),

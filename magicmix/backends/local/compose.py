@@ -6,8 +6,6 @@ smaller pieces, so they never load a model or import torch.
 
 from __future__ import annotations
 
-import logging
-
 from magicmix.backends.local.db import Database
 from magicmix.backends.local.jobs import SqliteJobStore
 from magicmix.backends.local.keys import SqliteKeyStore
@@ -17,6 +15,7 @@ from magicmix.crypto import SecretBox
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import QueueLimits
 from magicmix.lifecycle import Lifecycle
+from magicmix.logs import configure_logging
 from magicmix.outputs.store import open_store
 from magicmix.runner import Engine, JobRunner
 from magicmix.service import MagicMixService
@@ -50,9 +49,7 @@ def load_engine(settings: Settings) -> Engine:
 
 def build_local_service(settings: Settings) -> MagicMixService:
     """Everything `magicmix serve` runs, in this process."""
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     secret = settings.secret_key_bytes()
     box = SecretBox(secret)
     db = Database(settings.database_path)

@@ -55,6 +55,16 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX IF NOT EXISTS jobs_webhooks ON jobs (webhook_phase, webhook_next_at)",
         "ALTER TABLE api_keys ADD COLUMN revoked_at REAL",
     ],
+    [  # 2: Idempotency-Key: one row per (API key, client key), bound to the job it made
+        """CREATE TABLE IF NOT EXISTS idempotency (
+            key_id TEXT NOT NULL,
+            idem_hash TEXT NOT NULL,           -- sha256 of the client's Idempotency-Key
+            fingerprint TEXT NOT NULL,         -- sha256 of the request body
+            job_id INTEGER,                    -- NULL while the request is being accepted
+            created_at REAL NOT NULL,
+            PRIMARY KEY (key_id, idem_hash)
+        )""",
+    ],
 ]
 
 

@@ -17,6 +17,8 @@ from magicmix.jobs import (
     ACTIVE,
     ENDED,
     Change,
+    Idempotency,
+    IdempotencyClaim,
     JobParams,
     JobRecord,
     JobResult,
@@ -94,7 +96,50 @@ class SqliteJobStore:
                     job.created_at,
                 ),
             )
-            return self._select(connection, int(cursor.lastrowid or 0))
+            job_id = int(cursor.lastrowid or 0)
+            if job.idempotency is not None:  # bound in the same transaction: a kill -9
+                connection.execute(  # after it leaves a key that answers with this job
+                    "UPDATE idempotency SET job_id = ? WHERE key_id = ? AND idem_hash = ?",
+                    (job_id, job.key_id, job.idempotency.key_hash),
+                )
+            return self._select(connection, job_id)
+
+    def begin_idempotent(
+        self, key_id: str, idempotency: Idempotency, *, now: float, ttl_s: float, lease_s: float
+    ) -> IdempotencyClaim:
+        with self._db.transaction() as connection:
+            row = connection.execute(
+                "SELECT fingerprint, job_id, created_at FROM idempotency"
+                " WHERE key_id = ? AND idem_hash = ?",
+                (key_id, idempotency.key_hash),
+            ).fetchone()
+            stale = row is not None and (
+                row["created_at"] < now - ttl_s
+                or (row["job_id"] is None and row["created_at"] < now - lease_s)
+            )
+            if row is not None and not stale:
+                return IdempotencyClaim(False, row["fingerprint"], row["job_id"])
+            connection.execute(
+                "INSERT OR REPLACE INTO idempotency (key_id, idem_hash, fingerprint, job_id,"
+                " created_at) VALUES (?, ?, ?, NULL, ?)",
+                (key_id, idempotency.key_hash, idempotency.fingerprint, now),
+            )
+        return IdempotencyClaim(True, idempotency.fingerprint, None)
+
+    def release_idempotent(self, key_id: str, idempotency: Idempotency) -> None:
+        with self._db.transaction() as connection:
+            connection.execute(
+                "DELETE FROM idempotency WHERE key_id = ? AND idem_hash = ? AND job_id IS NULL",
+                (key_id, idempotency.key_hash),
+            )
+
+    def forget_idempotent(self, created_before: float) -> int:
+        """Drop keys past their 24 hours."""
+        with self._db.transaction() as connection:
+            cursor = connection.execute(
+                "DELETE FROM idempotency WHERE created_at < ?", (created_before,)
+            )
+        return cursor.rowcount
 
     def get(self, job_id: int) -> JobRecord | None:
         row = (

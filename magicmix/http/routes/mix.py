@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Request
 from fastapi import Path as PathParam
 
 from magicmix.http.deps import AnyKey, Keyed, ServiceDep, keyed
@@ -25,11 +25,25 @@ MAX_JOB_ID = MAX_SEED  # SQLite's largest integer
 
 @router.post("/magic_mix", **JOB_REPLY)
 async def magic_mix(
-    call: Annotated[Keyed[MagicMixIn], keyed(MagicMixIn)], service: ServiceDep
+    request: Request,
+    call: Annotated[Keyed[MagicMixIn], keyed(MagicMixIn)],
+    service: ServiceDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Resend safely: the same key and body within 24 h answer with the"
+            " first request's job (409 while it is still being accepted; 422 for another body)",
+        ),
+    ] = None,
 ) -> JobOut:
     """Mix the layout of `image` with the content of `prompt`. Answers `success`, or
     `processing` with a `fetch_result` URL when not done within the sync window."""
-    return await service.submit(call.body, call.principal)
+    arrived = getattr(request.state, "arrived", None)
+    return await service.submit(
+        call.body, call.principal, idempotency_key=idempotency_key, arrived=arrived
+    )
 
 
 @router.post("/fetch/{job_id}", **JOB_REPLY)
