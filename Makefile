@@ -11,16 +11,18 @@ PORT ?= 8000
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test test-slow lint bench install clean
+.PHONY: run test test-slow lint bench install clean lock deploy-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The image lock is CI's constraint file too: what CI tests is what Modal's images run.
+$(VENV)/.installed: pyproject.toml requirements/image-gpu.txt | $(BIN)/python
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c requirements/image-gpu.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,10 +35,11 @@ run: install
 	$(BIN)/magicmix serve --host $(HOST) --port $(PORT) --print-curl
 
 lint: install
-	$(BIN)/ruff check magicmix tests benchmarks infra modal_app.py
+	$(BIN)/ruff check magicmix tests benchmarks infra scripts/lock.py scripts/deploy-check modal_app.py
 	$(BIN)/mypy
 	$(BIN)/bandit -q -c pyproject.toml -r magicmix
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/lock.py --check
 
 test: install lint
 	scripts/install-browser.sh
@@ -44,6 +47,14 @@ test: install lint
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# After changing dependencies: pin the Modal images to what is installed (and tested).
+lock: install
+	$(BIN)/python scripts/lock.py
+
+# Everything about a deployment that can be checked before `modal deploy`.
+deploy-check: install
+	$(BIN)/python scripts/deploy-check
 
 bench: install
 	$(BIN)/python -m benchmarks

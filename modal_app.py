@@ -1,12 +1,23 @@
 """magicmix on Modal: `modal deploy modal_app.py` (step by step: docs/deploy.md).
 
-Declarations only; the behaviour lives in `magicmix.backends.modal`. Deploy-time knobs are
-environment variables read here, on the deploying machine, and baked into the image so
-containers re-importing this file see the same values:
+Declarations only; the behaviour lives in `magicmix.backends.modal`. This file imports
+with `modal` alone (no credentials, no project dependencies) so it deploys from a laptop.
+
+Deploy-time knobs: environment variables read here, on the deploying machine, and baked
+into the images, so every container sees the same values. Changing one needs a redeploy
+(`modal deploy modal_app.py`); the `MAGICMIX_*` values in the Modal secrets are the
+run-time settings, read when a container starts.
 
     MAGICMIX_GPU             GPU type of the GPU class (default L40S; see docs/deploy.md)
-    MAGICMIX_MODEL           hub id of an SD 1.x checkpoint (default SD 1.5)
-    MAGICMIX_MODEL_REVISION  pin that checkpoint to a commit
+    MAGICMIX_MODEL           hub id of an SD 1.x or SDXL checkpoint (default SD 1.5)
+    MAGICMIX_MODEL_REVISION  the checkpoint's commit (default: the pinned one of the default)
+    MAGICMIX_DTYPE           float16 (default), bfloat16 or float32 on the GPU
+    MAGICMIX_MAX_GPUS        the cost ceiling: at most this many GPU containers (default 4)
+    MAGICMIX_BATCH_SIZE      jobs per UNet batch (default 8)
+    MAGICMIX_BATCH_WAIT_MS   how long a GPU container waits for a batch to fill (default 100)
+    MAGICMIX_GPU_IDLE_S      an idle GPU container scales down after this (default 30)
+    MAGICMIX_GPU_SNAPSHOT    1: snapshot the GPU state too (Modal alpha; default off)
+    MAGICMIX_HF_SECRET       name of a Modal secret with HF_TOKEN, for gated checkpoints
 """
 
 from __future__ import annotations
@@ -23,35 +34,46 @@ if TYPE_CHECKING:
     from magicmix.backends.modal.compose import ModalParts
 
 APP_NAME = "magicmix"
-GPU = os.environ.get("MAGICMIX_GPU", "L40S")
-MODEL = os.environ.get("MAGICMIX_MODEL", "stable-diffusion-v1-5/stable-diffusion-v1-5")
-MODEL_REVISION = os.environ.get("MAGICMIX_MODEL_REVISION", "")
-# CUDA 12.8 wheels (driver 570+): PyPI's default CUDA build moves with each torch release.
-TORCH = ("torch==2.8.0", "https://download.pytorch.org/whl/cu128")
-CACHE_DIR = "/cache"  # the weights Volume; the Hugging Face cache lives under it
-BATCH_SIZE = 4  # jobs per UNet batch
-BATCH_WAIT_MS = 150  # how long a GPU container waits for a batch to fill
-MAX_GPU_CONTAINERS = 4  # the cost ceiling: at most this many GPUs at once
-GPU_IDLE_S = 120  # an idle GPU container scales down after this
 ROOT = Path(__file__).resolve().parent
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_REVISION = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"  # pinned: a redeploy never drifts
+GPU = os.environ.get("MAGICMIX_GPU", "L40S")
+MODEL = os.environ.get("MAGICMIX_MODEL", SD15)
+MODEL_REVISION = os.environ.get("MAGICMIX_MODEL_REVISION", SD15_REVISION if MODEL == SD15 else "")
+DTYPE = os.environ.get("MAGICMIX_DTYPE", "float16")
+MAX_GPUS = int(os.environ.get("MAGICMIX_MAX_GPUS", "4"))
+BATCH_SIZE = int(os.environ.get("MAGICMIX_BATCH_SIZE", "8"))
+BATCH_WAIT_MS = int(os.environ.get("MAGICMIX_BATCH_WAIT_MS", "100"))
+GPU_IDLE_S = int(os.environ.get("MAGICMIX_GPU_IDLE_S", "30"))
+GPU_SNAPSHOT = os.environ.get("MAGICMIX_GPU_SNAPSHOT", "") == "1"
+HF_SECRET = os.environ.get("MAGICMIX_HF_SECRET", "")
+CACHE_DIR = "/cache"  # the weights Volume; the Hugging Face cache lives under it
+LOCKS = ROOT / "requirements"  # pinned to what CI tests (scripts/lock.py)
 
-image = (
+DEPLOY_ENV = {
+    "HF_HOME": f"{CACHE_DIR}/hf",
+    "MAGICMIX_GPU": GPU,
+    "MAGICMIX_MODEL": MODEL,
+    "MAGICMIX_DTYPE": DTYPE,
+    "MAGICMIX_MAX_GPUS": str(MAX_GPUS),
+    "MAGICMIX_BATCH_SIZE": str(BATCH_SIZE),
+    "MAGICMIX_BATCH_WAIT_MS": str(BATCH_WAIT_MS),
+    **({"MAGICMIX_MODEL_REVISION": MODEL_REVISION} if MODEL_REVISION else {}),
+}
+# Heavy layers first, local source last: a code change rebuilds only the last layer.
+gpu_image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install(TORCH[0], index_url=TORCH[1])  # then pyproject's `torch>=2.3` is met
-    .pip_install_from_pyproject(str(ROOT / "pyproject.toml"))
-    .env(
-        {
-            "HF_HOME": f"{CACHE_DIR}/hf",
-            "MAGICMIX_GPU": GPU,
-            "MAGICMIX_MODEL": MODEL,
-            "MAGICMIX_BATCH_SIZE": str(BATCH_SIZE),
-            **({"MAGICMIX_MODEL_REVISION": MODEL_REVISION} if MODEL_REVISION else {}),
-        }
-    )
-    # Last: no build step may follow local files. `ignore` keeps static/ (not only .py).
+    .pip_install_from_requirements(str(LOCKS / "image-gpu.txt"))  # torch's CUDA build
+    .env(DEPLOY_ENV)
     .add_local_python_source("magicmix", ignore=["**/__pycache__/**"])
 )
-app = modal.App(APP_NAME, image=image)
+web_image = (  # the front door: no torch, so it starts in seconds
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install_from_requirements(str(LOCKS / "image-web.txt"))
+    .env(DEPLOY_ENV)
+    .add_local_python_source("magicmix", ignore=["**/__pycache__/**"])
+)
+app = modal.App(APP_NAME, image=web_image)
 
 weights = modal.Volume.from_name("magicmix-weights", create_if_missing=True)
 dicts = {
@@ -59,18 +81,21 @@ dicts = {
     for name in ("jobs", "active", "outbox", "expiring", "keys")
 }
 service_secrets = [
-    modal.Secret.from_name("magicmix", required_keys=["MAGICMIX_API_KEYS", "MAGICMIX_SECRET_KEY"]),
+    modal.Secret.from_name("magicmix", required_keys=["MAGICMIX_SECRET_KEY"]),
     modal.Secret.from_name("magicmix-s3", required_keys=["MAGICMIX_STORE_URL"]),
 ]
+hub_secrets = [modal.Secret.from_name(HF_SECRET, required_keys=["HF_TOKEN"])] if HF_SECRET else []
 
-with image.imports():
+with web_image.imports():
     from magicmix.backends.modal import compose
     from magicmix.backends.modal.calls import ModalGpuCalls
-    from magicmix.backends.modal.gpu import GpuWorker
     from magicmix.backends.modal.weights import download_weights as fill_volume
     from magicmix.config import Settings
-    from magicmix.engine.configure import engine_on_cuda, load_for_snapshot
     from magicmix.http.app import create_app
+
+with gpu_image.imports():
+    from magicmix.backends.modal.gpu import GpuWorker
+    from magicmix.engine.configure import engine_on_cuda, load_for_snapshot
 
 
 def parts() -> ModalParts:
@@ -79,7 +104,11 @@ def parts() -> ModalParts:
     return compose.modal_parts(settings, dicts, send_webhooks.spawn)
 
 
-@app.function(volumes={CACHE_DIR: weights}, timeout=3600)
+def gpu_calls() -> ModalGpuCalls:
+    return ModalGpuCalls(MagicMix().run)
+
+
+@app.function(volumes={CACHE_DIR: weights}, secrets=hub_secrets, timeout=3600)
 def download_weights() -> None:
     """`modal run modal_app.py::download_weights`: fill the Volume from the hub, once."""
     fill_volume(Settings())
@@ -87,13 +116,16 @@ def download_weights() -> None:
 
 
 @app.cls(
+    image=gpu_image,
     gpu=GPU,
     secrets=service_secrets,
-    volumes={CACHE_DIR: weights},
+    volumes={CACHE_DIR: weights.with_mount_options(read_only=True)},
     env={"HF_HUB_OFFLINE": "1"},  # weights come from the Volume, never the hub
     enable_memory_snapshot=True,
+    experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
     scaledown_window=GPU_IDLE_S,
-    max_containers=MAX_GPU_CONTAINERS,
+    max_containers=MAX_GPUS,
+    retries=modal.Retries(max_retries=2, initial_delay=1.0),  # a crashed container's batch
     timeout=600,
     startup_timeout=900,
 )
@@ -102,7 +134,7 @@ class MagicMix:
 
     @modal.enter(snap=True)
     def load(self) -> None:
-        self.weights = load_for_snapshot(Settings())
+        self.weights = load_for_snapshot(Settings(), on_gpu=GPU_SNAPSHOT)
 
     @modal.enter(snap=False)
     def to_gpu(self) -> None:
@@ -114,24 +146,34 @@ class MagicMix:
         return self.worker.run(job_inputs)
 
 
-@app.function(secrets=service_secrets, timeout=900)
+@app.function(secrets=service_secrets, enable_memory_snapshot=True, timeout=900)
 async def send_webhooks(job_ids: list[int]) -> None:
     """Webhooks leave from a CPU container, so the GPU never waits on a receiver."""
     await compose.deliver_webhooks(parts(), job_ids)
 
 
-@app.function(secrets=service_secrets, timeout=180)
+@app.function(secrets=service_secrets, enable_memory_snapshot=True, timeout=180)
 @modal.concurrent(max_inputs=64)
 @modal.asgi_app()
 def web() -> FastAPI:
     """The same FastAPI app as `magicmix serve`."""
-    shared = parts()
-    return create_app(compose.web_service(shared, ModalGpuCalls(MagicMix().run), gpu_name=GPU))
+    return create_app(compose.web_service(parts(), gpu_calls(), gpu_name=GPU))
 
 
 @app.function(secrets=service_secrets, schedule=modal.Cron("*/5 * * * *"), timeout=900)
 async def sweep() -> None:
     """Every 5 minutes: crash repair, the 24-hour rule, stuck jobs, webhook retries."""
     shared = parts()
-    dispatch = compose.dispatcher(shared, ModalGpuCalls(MagicMix().run), gpu_name=GPU)
-    await compose.run_sweep(shared, dispatch)
+    await compose.run_sweep(shared, compose.dispatcher(shared, gpu_calls(), gpu_name=GPU))
+
+
+@app.function(secrets=service_secrets, timeout=120)
+def manage_keys(action: str, key_id: str = "", admin: bool = False) -> str:
+    """The key store of the deployed app; `keys` below (or `magicmix keys --modal`) calls it."""
+    return compose.manage_keys(parts(), action, key_id=key_id, admin=admin)
+
+
+@app.local_entrypoint()
+def keys(action: str, key_id: str = "", admin: bool = False) -> None:
+    """`modal run modal_app.py::keys --action create [--admin] | list | revoke --key-id ID`."""
+    print(manage_keys.remote(action, key_id, admin))

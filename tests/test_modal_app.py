@@ -7,6 +7,7 @@ read from the loader's closure (`_declared`): private to modal 1.6, re-check on 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,25 +58,80 @@ def test_gpu_class_loads_once_from_the_volume_and_scales_to_zero() -> None:
     assert "Secret.from_dict([HF_HUB_OFFLINE])" in info.secrets
     assert info.batching_info is not None
     assert info.batching_info.max_batch_size == modal_app.BATCH_SIZE
+    assert info.batching_info.wait_ms == modal_app.BATCH_WAIT_MS
     assert list(modal_app.MagicMix._get_method_names()) == ["run"]
     declared = _declared(gpu)
     assert declared["enable_memory_snapshot"] is True
+    assert declared["experimental_options"] in ({}, None)  # the GPU snapshot is opt-in
     autoscaling = declared["autoscaler_settings"]
-    assert autoscaling.scaledown_window == modal_app.GPU_IDLE_S
-    assert autoscaling.max_containers == modal_app.MAX_GPU_CONTAINERS
+    assert autoscaling.scaledown_window == modal_app.GPU_IDLE_S == 30
+    assert autoscaling.max_containers == modal_app.MAX_GPUS
     assert not autoscaling.min_containers
+    assert declared["retry_policy"].retries == 2  # a crashed container's batch runs again
+    [(path, volume)] = declared["validated_volumes_no_cloud_buckets"]
+    assert path == modal_app.CACHE_DIR and volume._mount_options.read_only  # only read here
+    assert synchronizer._translate_in(modal_app.gpu_image) is declared["image"]
 
 
-def test_web_function_serves_the_asgi_app_on_a_cpu() -> None:
+def test_every_cpu_function_uses_the_torch_free_image() -> None:
+    web_image = synchronizer._translate_in(modal_app.web_image)
+    for function in (
+        modal_app.web,
+        modal_app.send_webhooks,
+        modal_app.sweep,
+        modal_app.manage_keys,
+        modal_app.download_weights,
+    ):
+        assert _declared(function)["image"] is web_image, function
+        assert function.info().gpus == []
+    lock = (ROOT / "requirements" / "image-web.txt").read_text()
+    assert "torch" not in lock and "diffusers" not in lock and "transformers" not in lock
+    assert "torch==" in (ROOT / "requirements" / "image-gpu.txt").read_text()
+
+
+def test_web_function_serves_the_asgi_app_with_a_snapshot() -> None:
     info = modal_app.web.info()
-    assert info.web_info is not None and info.gpus == []
+    assert info.web_info is not None
     assert synchronizer._translate_in(modal_app.web)._webhook_config.type == 1  # ASGI app
     assert "modal.Secret.from_name('magicmix')" in info.secrets
+    assert _declared(modal_app.web)["enable_memory_snapshot"] is True
 
 
-def test_download_and_scheduled_cleanup_are_declared() -> None:
+def test_download_sweep_webhooks_and_keys_are_declared() -> None:
     download = modal_app.download_weights.info()
     assert download.volumes[modal_app.CACHE_DIR].name == "magicmix-weights"
-    assert download.secrets == []  # the hub download needs none of the service's secrets
+    assert download.secrets == []  # only with MAGICMIX_HF_SECRET: a gated model's token
     assert modal_app.sweep.info().schedule == "Cron('*/5 * * * *', UTC)"
-    assert modal_app.send_webhooks.info().gpus == []
+    assert "modal.Secret.from_name('magicmix')" in modal_app.manage_keys.info().secrets
+
+
+def test_deploy_time_knobs_are_read_at_import_and_baked_in(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "MAGICMIX_MAX_GPUS": "16",
+        "MAGICMIX_BATCH_SIZE": "4",
+        "MAGICMIX_GPU_IDLE_S": "45",
+        "MAGICMIX_GPU_SNAPSHOT": "1",
+        "MAGICMIX_HF_SECRET": "huggingface",
+        "MAGICMIX_MODEL": "org/model",
+    }
+    code = (
+        "import modal_app as m, json;"
+        " print(json.dumps([m.MAX_GPUS, m.BATCH_SIZE, m.GPU_IDLE_S, m.GPU_SNAPSHOT,"
+        " m.MODEL_REVISION, m.DEPLOY_ENV['MAGICMIX_MAX_GPUS'],"
+        " m.download_weights.info().secrets]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [
+        16,
+        4,
+        45,
+        True,
+        "",
+        "16",
+        ["modal.Secret.from_name('huggingface')"],
+    ]

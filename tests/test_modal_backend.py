@@ -389,3 +389,68 @@ def test_weights_load_without_touching_cuda(
     components = load_for_snapshot(Settings(model=str(tiny_model_dir)))
     for module in (components.unet, components.vae, components.text_encoder):
         assert module.device.type == "cpu" and module.dtype == torch.float16
+
+
+# -- keys on Modal, and the request deadline ---------------------------------------------
+
+
+def test_keys_are_issued_listed_and_revoked_on_the_deployed_store_inmemory_standin(
+    client: TestClient, modal_like: ModalLike
+) -> None:
+    created = compose.manage_keys(modal_like.web, "create")
+    user_key, id_line, secret_line = created.splitlines()
+    key_id = id_line.split()[2]
+    assert user_key.startswith("mm_") and "(user)" in id_line and "whsec_" in secret_line
+    assert key_id in compose.manage_keys(modal_like.web, "list")
+    reply = client.post(MIX, json=mix_body(key=user_key)).json()
+    assert reply["status"] == "success", reply
+    admin_only = client.post(f"{EDITING}/clear_queue", json={"key": user_key})
+    assert admin_only.status_code == 403  # a user key never reaches the admin routes
+    assert compose.manage_keys(modal_like.web, "revoke", key_id=key_id) == f"revoked {key_id}"
+    assert client.post(MIX, json=mix_body(key=user_key)).status_code == 401
+    listed = compose.manage_keys(modal_like.web, "list")
+    assert f"{key_id}  user " in listed and "revoked" in listed and user_key not in listed
+
+
+class SlowDict:
+    """A Dict stand-in whose every call takes 50 ms: a slow Modal API."""
+
+    def __init__(self, inner: InMemoryDict) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.05)
+            return method(*args, **kwargs)
+
+        return slow
+
+
+def test_the_answer_leaves_before_the_deadline_with_a_slow_fetch_and_slow_store_inline_standin(
+    tmp_path: Path, s3_server: str, bucket: str, dummy_aws_env: dict[str, str]
+) -> None:
+    """Fetch + store calls + sync wait never cross the request's deadline (Modal's 150 s)."""
+    settings = modal_settings(tmp_path, bucket, s3_server)
+    settings.request_deadline_s, settings.sync_wait_s = 12.0, 120.0
+    dicts = {name: SlowDict(d) for name, d in standin_dicts().items()}
+    parts = compose.modal_parts(settings, dicts, lambda ids: None)
+    never = threading.Event()
+    calls = InlineGpuCalls(worker=lambda inputs: never.wait(300) and [])  # the GPU never answers
+
+    def slow_image(request: Any) -> None:
+        time.sleep(2.0)
+        respond(200, LAYOUT, {"Content-Type": "image/png"})(request)
+
+    with (
+        LoopbackServer() as host,
+        TestClient(create_app(compose.web_service(parts, calls, gpu_name="L40S"))) as http,
+    ):
+        host.route("/slow.png", slow_image)
+        started = time.monotonic()
+        reply = http.post(MIX, json=mix_body(image=host.url("/slow.png")))
+        elapsed = time.monotonic() - started
+        never.set()
+    assert reply.status_code == 200 and reply.json()["status"] == "processing", reply.text
+    assert elapsed < 30, elapsed  # the deadline (12 s) cut the 120 s sync wait short

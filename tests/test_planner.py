@@ -265,6 +265,7 @@ def test_a_burst_fills_batches_and_starts_containers_up_to_the_ceiling() -> None
         max_containers=4,
         batch_size=8,
         batch_wait_s=0.1,
+        scaledown_window_s=120.0,
         max_queue=UNLIMITED,
         max_queued_per_key=UNLIMITED,
     )
@@ -281,7 +282,7 @@ def test_a_burst_fills_batches_and_starts_containers_up_to_the_ceiling() -> None
 
 
 def test_min_containers_start_warm_and_are_billed_to_the_end() -> None:
-    result = run(profile(cold_start_s=30.0), Arrivals.burst(4), min_containers=1)
+    result = run(profile(cold_start_s=30.0), Arrivals.burst(4), min_containers=1, batch_size=4)
     assert result.served[0].latency == pytest.approx(1.0)  # batch of 4, no cold start
     assert result.containers[0].stopped_at is None
     assert result.gpu_seconds() == pytest.approx(result.horizon)
@@ -334,25 +335,39 @@ def test_compare_burst_on_a_burst_the_model_itself_made() -> None:
 # -- defaults and the command -------------------------------------------------------------
 
 
-def modal_constants() -> dict[str, Any]:
+def modal_defaults() -> dict[str, str]:
+    """The deploy-time knobs' defaults: `os.environ.get("MAGICMIX_...", "default")` calls."""
     tree = ast.parse((ROOT / "modal_app.py").read_text())
     return {
-        target.id: ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        for target in node.targets
-        if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant)
+        node.args[0].value: node.args[1].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and ast.unparse(node.func) == "os.environ.get"
+        and len(node.args) == 2
+        and all(isinstance(arg, ast.Constant) for arg in node.args)
     }
 
 
 def test_defaults_are_the_deployed_ones() -> None:
-    consts, cap = modal_constants(), Capacity()
-    assert cap.batch_size == consts["BATCH_SIZE"]
-    assert cap.batch_wait_s == consts["BATCH_WAIT_MS"] / 1000
-    assert cap.max_containers == consts["MAX_GPU_CONTAINERS"]
-    assert cap.scaledown_window_s == consts["GPU_IDLE_S"]
-    assert cap.max_queue == Settings.model_fields["max_queue"].default
-    assert cap.max_queued_per_key == Settings.model_fields["max_queued_per_key"].default
+    knobs, cap = modal_defaults(), Capacity()
+    assert cap.batch_size == int(knobs["MAGICMIX_BATCH_SIZE"])
+    assert cap.batch_wait_s == int(knobs["MAGICMIX_BATCH_WAIT_MS"]) / 1000
+    assert cap.max_containers == int(knobs["MAGICMIX_MAX_GPUS"])
+    assert cap.scaledown_window_s == int(knobs["MAGICMIX_GPU_IDLE_S"])
+
+
+def test_plan_sizes_the_queue_as_the_service_does(plan_app: typer.Typer) -> None:
+    """One capacity model: `plan`'s default queue limit is the service's formula."""
+    result = CliRunner().invoke(plan_app, ["plan", "--burst", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    profile = GpuProfile.load(default_profile_path())
+    settings = Settings(
+        gpu="H200",
+        max_gpus=4,
+        batch_size=8,
+        seconds_per_image=profile.engine_seconds(8) / 8,
+    )
+    assert json.loads(result.output)["capacity"]["max_queue"] == settings.max_queue
 
 
 @pytest.fixture(scope="module")
@@ -387,9 +402,15 @@ def test_plan_help_documents_every_input(plan_app: typer.Typer) -> None:
         assert option in result.output, option
 
 
+QUEUE_64_32 = ["--max-queue", "64", "--max-queued-per-key", "32"]
+
+
 def test_plan_prints_a_report_and_json(plan_app: typer.Typer, tmp_path: Path) -> None:
     runner = CliRunner()
-    text = runner.invoke(plan_app, ["plan", "--burst", "100", "--max-gpus", "8", "--price", "4"])
+    text = runner.invoke(
+        plan_app,
+        ["plan", "--burst", "100", "--max-gpus", "8", "--price", "4", *QUEUE_64_32],
+    )
     assert text.exit_code == 0, text.output
     assert "time to drain" in text.output and "refused (429)     68" in text.output
     args = [

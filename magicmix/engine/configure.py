@@ -31,15 +31,16 @@ def load_engine(settings: Settings) -> MagicMixEngine:
     )
 
 
-def load_for_snapshot(settings: Settings) -> Components:
-    """The CPU half of a GPU container's cold start, kept in Modal's memory snapshot.
+def load_for_snapshot(settings: Settings, *, on_gpu: bool = False) -> Components:
+    """The first half of a GPU container's cold start, kept in Modal's memory snapshot.
 
     Weights go to RAM in the dtype they will have on CUDA. No CUDA call may happen here
-    (the snapshot is taken without a GPU), hence the explicit devices instead of `auto`.
+    (a memory snapshot is taken without a GPU), hence the explicit devices instead of
+    `auto`; with Modal's GPU snapshot (`on_gpu`) the GPU is there and they go straight to it.
     """
     return load_components(
         settings.model,
-        device=torch.device("cpu"),
+        device=torch.device("cuda" if on_gpu else "cpu"),
         dtype=resolve_dtype(settings.dtype, torch.device("cuda")),
         revision=settings.model_revision,
     )

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from magicmix.capacity import queue_limit
 from magicmix.planner.profile import GpuProfile, default_profile_path
 from magicmix.planner.report import render_text, summarize
 from magicmix.planner.sim import Arrivals, Capacity, simulate
@@ -58,41 +59,46 @@ def plan_command(
         ),
     ] = None,
     max_gpus: Annotated[
-        int, typer.Option(help="Most GPU containers at once (modal_app.MAX_GPU_CONTAINERS).")
+        int, typer.Option(help="Most GPU containers at once (MAGICMIX_MAX_GPUS at deploy).")
     ] = 4,
     min_gpus: Annotated[
         int, typer.Option(help="GPU containers kept warm from t=0 (Modal min_containers).")
     ] = 0,
     batch_size: Annotated[
-        int, typer.Option(help="@modal.batched max_batch_size (modal_app.BATCH_SIZE).")
-    ] = 4,
+        int, typer.Option(help="@modal.batched max_batch_size (MAGICMIX_BATCH_SIZE at deploy).")
+    ] = 8,
     batch_wait_ms: Annotated[
         float,
         typer.Option(
             help="@modal.batched wait_ms: how long a container waits for its batch"
-            " to fill after its first input (modal_app.BATCH_WAIT_MS)."
+            " to fill after its first input (MAGICMIX_BATCH_WAIT_MS at deploy)."
         ),
-    ] = 150.0,
+    ] = 100.0,
     idle_s: Annotated[
         float,
         typer.Option(
             help="Idle seconds before a GPU container stops, billed"
-            " (scaledown_window, modal_app.GPU_IDLE_S)."
+            " (scaledown_window, MAGICMIX_GPU_IDLE_S at deploy)."
         ),
-    ] = 120.0,
+    ] = 30.0,
     max_queue: Annotated[
         int,
         typer.Option(
             help="Active jobs (queued + running, all keys) above which the web tier"
-            " answers 429 (MAGICMIX_MAX_QUEUE)."
+            " answers 429 (MAGICMIX_MAX_QUEUE). 0: as the service sizes it, the work the"
+            " GPUs drain in --queue-minutes at the profile's speed (magicmix/capacity.py)."
         ),
-    ] = 64,
+    ] = 0,
+    queue_minutes: Annotated[
+        float, typer.Option(help="Minutes of work the queue holds at full scale (0 above).")
+    ] = 5.0,
     max_queued_per_key: Annotated[
         int,
         typer.Option(
-            help="Active jobs per key above which that key gets 429 (MAGICMIX_MAX_QUEUED_PER_KEY)."
+            help="Active jobs per key above which that key gets 429"
+            " (MAGICMIX_MAX_QUEUED_PER_KEY; 0: the whole queue, as the service does)."
         ),
-    ] = 32,
+    ] = 0,
     cold_start_s: Annotated[
         float | None,
         typer.Option(
@@ -152,13 +158,18 @@ def plan_command(
             raise _fail("--cold-start-s must be >= 0")
         profile = profile.with_cold_start(cold_start_s)
     try:
+        max_queue = max_queue or queue_limit(
+            max_gpus=max_gpus,
+            seconds_per_image=profile.engine_seconds(batch_size) / batch_size,
+            queue_minutes=queue_minutes,
+        )
         capacity = Capacity(
             max_containers=max_gpus,
             batch_size=batch_size,
             batch_wait_s=batch_wait_ms / 1000,
             scaledown_window_s=idle_s,
             max_queue=max_queue,
-            max_queued_per_key=max_queued_per_key,
+            max_queued_per_key=max_queued_per_key or max_queue,
             min_containers=min_gpus,
             linger=linger.value,
         )

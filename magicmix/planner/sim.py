@@ -84,12 +84,12 @@ _DONE, _READY, _LINGER, _ARRIVAL, _IDLE = range(5)
 class Capacity:
     """The knobs that decide a burst (defaults: `modal_app.py` and `magicmix.config`)."""
 
-    max_containers: int = 4  # modal_app.MAX_GPU_CONTAINERS
-    batch_size: int = 4  # modal_app.BATCH_SIZE
-    batch_wait_s: float = 0.150  # modal_app.BATCH_WAIT_MS / 1000
-    scaledown_window_s: float = 120.0  # modal_app.GPU_IDLE_S
-    max_queue: int = 64  # Settings.max_queue
-    max_queued_per_key: int = 32  # Settings.max_queued_per_key
+    max_containers: int = 4  # modal_app's MAGICMIX_MAX_GPUS default
+    batch_size: int = 8  # modal_app's MAGICMIX_BATCH_SIZE default
+    batch_wait_s: float = 0.100  # modal_app's MAGICMIX_BATCH_WAIT_MS default / 1000
+    scaledown_window_s: float = 30.0  # modal_app's MAGICMIX_GPU_IDLE_S default
+    max_queue: int = 64  # the service derives its own (capacity.py); `plan` does the same
+    max_queued_per_key: int = 64
     min_containers: int = 0
     linger: Literal["modal", "local"] = "modal"
 

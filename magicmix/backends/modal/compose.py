@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits
+from magicmix.keys import key_action
 from magicmix.lifecycle import Lifecycle
+from magicmix.logs import configure_logging
 from magicmix.outputs.s3 import make_s3_client
 from magicmix.outputs.store import OutputStore, S3Store, open_store
 from magicmix.runner import JobRunner
@@ -45,12 +48,15 @@ class WebhookNudges:
 
     spawn: Callable[[list[int]], object]
     pending: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, jobs: list[JobRecord]) -> None:
-        self.pending += [job.id for job in jobs if job.webhook is not None]
+        with self.lock:
+            self.pending += [job.id for job in jobs if job.webhook is not None]
 
     def flush(self) -> None:
-        ids, self.pending = self.pending, []
+        with self.lock:
+            ids, self.pending = self.pending, []
         if ids:
             try:
                 self.spawn(ids)
@@ -85,7 +91,8 @@ def layouts_store(settings: Settings) -> S3Store:
     """Layout images wait for their run in the service bucket, beside the outputs."""
     parts = urlsplit(settings.store_url or "")
     prefix = f"{parts.path.strip('/')}/layouts/".lstrip("/")
-    return S3Store(parts.netloc, prefix, client=make_s3_client(settings.s3_endpoint_url))
+    client = make_s3_client(settings.s3_endpoint_url, allow_private=True)
+    return S3Store(parts.netloc, prefix, client=client)
 
 
 def modal_parts(
@@ -106,9 +113,7 @@ def modal_parts(
             "MAGICMIX_STORE_URL must be s3://bucket/prefix on Modal (containers share no"
             " disk): add it to the `magicmix-s3` Modal secret"
         )
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     state = ModalState(**dicts, layouts=layouts or layouts_store(settings))
     secret = settings.secret_key_bytes()
     box = SecretBox(secret)
@@ -217,3 +222,12 @@ async def run_sweep(parts: ModalParts, dispatch: ModalDispatcher) -> SweepReport
 
 def _due(job: JobRecord, now: float) -> bool:
     return job.webhook_due and (job.webhook is None or (job.webhook.next_at or 0) <= now)
+
+
+def manage_keys(parts: ModalParts, action: str, *, key_id: str = "", admin: bool = False) -> str:
+    """`magicmix keys` against the deployed app: what `keys.key_action` prints.
+
+    Runs in a Modal function (it needs the service secret to hash keys and encrypt their
+    webhook secrets); the new key travels back as the function's result, never in a log.
+    """
+    return key_action(parts.keys, action, key_id=key_id, admin=admin)

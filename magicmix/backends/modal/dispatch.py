@@ -82,7 +82,7 @@ class ModalDispatcher:
             await asyncio.to_thread(
                 self._lifecycle.fail, job.id, "the job could not be started on a GPU; please retry"
             )
-            self._flush_webhooks()
+            await asyncio.to_thread(self._flush_webhooks)  # a spawn: a blocking Modal call
             return
         await asyncio.to_thread(self._calls.put, f"call:{job.id}", call_id)
 
@@ -100,7 +100,7 @@ class ModalDispatcher:
                 self._lifecycle.fail, job_id, "the GPU worker stopped while running this job"
             )
             if failed is not None:
-                self._flush_webhooks()
+                await asyncio.to_thread(self._flush_webhooks)
             await asyncio.sleep(max(0.0, min(self._poll_s, timeout - (time.monotonic() - started))))
 
     async def cancel(self, job_ids: list[int]) -> None:
@@ -109,7 +109,7 @@ class ModalDispatcher:
         Best effort: a call already inside a running batch cancels that batch (Modal
         cancels a batch as one); the GPU side then requeues the jobs it had claimed.
         """
-        self._flush_webhooks()
+        await asyncio.to_thread(self._flush_webhooks)
         for job_id in job_ids:
             call_id = await asyncio.to_thread(self._calls.get, f"call:{job_id}")
             if call_id is None:

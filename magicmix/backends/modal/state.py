@@ -41,6 +41,8 @@ from magicmix.errors import Busy, Unauthorized
 from magicmix.jobs import (
     ACTIVE,
     Change,
+    Idempotency,
+    IdempotencyClaim,
     JobRecord,
     JobStatus,
     NewJob,
@@ -127,7 +129,42 @@ class DictJobStore:
         if record.webhook is not None:
             self._state.outbox.put(job_id, record.webhook.model_dump_json())
         self._jobs.put(f"job:{job_id}", record.model_dump_json())
+        if job.idempotency is not None:  # after the record: a crash in between is the one
+            # window where a resend, once the lease ends, makes a second job
+            key = _idem_key(job.key_id, job.idempotency)
+            self._jobs.put(key, (job.idempotency.fingerprint, job_id, job.created_at))
         return record
+
+    def begin_idempotent(
+        self, key_id: str, idempotency: Idempotency, *, now: float, ttl_s: float, lease_s: float
+    ) -> IdempotencyClaim:
+        key = _idem_key(key_id, idempotency)
+        ours = (idempotency.fingerprint, None, now)
+        for _ in range(2):  # a fresh claim, or one take-over of a stale entry
+            if self._jobs.put(key, ours, skip_if_exists=True):
+                return IdempotencyClaim(True, idempotency.fingerprint, None)
+            entry = self._jobs.get(key)
+            if entry is None:
+                continue  # released meanwhile
+            fingerprint, job_id, created_at = entry
+            stale = created_at < now - ttl_s or (job_id is None and created_at < now - lease_s)
+            if not stale:
+                return IdempotencyClaim(False, fingerprint, job_id)
+            self._jobs.pop(key, None)
+        entry = self._jobs.get(key)
+        fingerprint, job_id, _ = entry if entry else (idempotency.fingerprint, None, now)
+        return IdempotencyClaim(False, fingerprint, job_id)
+
+    def forget_idempotent(self, created_before: float) -> int:
+        """Nothing to do: an entry past its 24 h is taken over on its next use, and
+        Dict entries lapse after 7 days untouched."""
+        return 0
+
+    def release_idempotent(self, key_id: str, idempotency: Idempotency) -> None:
+        key = _idem_key(key_id, idempotency)
+        entry = self._jobs.get(key)
+        if entry is not None and entry[1] is None:
+            self._jobs.pop(key, None)
 
     def _claim_id(self, created_at: float) -> int:
         """The next free id: insert-if-absent from a hint that may lag, never reused."""
@@ -302,6 +339,10 @@ class DictJobStore:
 
 def _key_count(key_id: str) -> str:
     return f"count:{key_id}"
+
+
+def _idem_key(key_id: str, idempotency: Idempotency) -> str:
+    return f"idem:{key_id}:{idempotency.key_hash}"
 
 
 # -- keys --------------------------------------------------------------------------------
