@@ -34,6 +34,8 @@ time budget (--budget-s) skips what would not fit and says so.
     python3 benchmarks/gpu.py --out DIR                      # the GPU run (about 6 minutes)
     python benchmarks/gpu.py --arch tiny --device cpu --sizes 256 --batches 1,2 --repeats 2 \
         --out /tmp/bench                                     # a CPU dry run of every path
+    python3 benchmarks/gpu.py --arch sdxl --sizes 1024 --batches 1,4 --out DIR
+                                                             # SDXL base at 1024 (issue 16)
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ from magicmix.engine.builder import (  # noqa: E402
     BUILD_SEED,
     _sd15_modules,
     _sd_scheduler,
+    _sdxl_modules,
     _tiny_modules,
+    _tiny_sdxl_modules,
     build_clip_tokenizer,
 )
 from magicmix.engine.loading import Components  # noqa: E402
@@ -259,27 +263,35 @@ def build_components(
     start = time.perf_counter()
     tokenizer = build_clip_tokenizer()
 
-    def make() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    def make() -> tuple[torch.nn.Module, ...]:
         torch.manual_seed(BUILD_SEED)
         if arch == "sd15":
             return _sd15_modules()
+        if arch == "sdxl":
+            return _sdxl_modules()
+        if arch == "tiny-sdxl":
+            return _tiny_sdxl_modules(len(tokenizer))
         return _tiny_modules(vocab_size=len(tokenizer))
 
     path = f"built on {device}"
     try:
         with torch.device(device):
-            unet, vae, text_encoder = make()
+            modules = make()
     except Exception as exc:
         path = f"built on cpu, moved to {device} ({type(exc).__name__}: {exc})"
-        unet, vae, text_encoder = make()
-    for module in (unet, vae, text_encoder):
+        modules = make()
+    for module in modules:
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    unet, vae, text_encoder, *second = modules
     components = Components(
         vae=vae,  # type: ignore[arg-type]
         text_encoder=text_encoder,  # type: ignore[arg-type]
         tokenizer=tokenizer,
         unet=unet,  # type: ignore[arg-type]
         scheduler=_sd_scheduler(),
+        text_encoder_2=second[0] if second else None,  # type: ignore[arg-type]
+        tokenizer_2=build_clip_tokenizer() if second else None,
+        force_zeros_for_empty_prompt=bool(second),
     )
     sync(device)
     return components, time.perf_counter() - start, path
@@ -419,9 +431,18 @@ def unet_step_seconds(engine: MagicMixEngine, size: int, budget_s: float) -> tup
     width = unet.config.cross_attention_dim
     text = torch.randn(2, 77, width, generator=generator).to(device=device, dtype=dtype)
     t = torch.tensor(501, dtype=torch.int64)  # a 0-d CPU tensor, as the scheduler yields
+    extra: dict[str, Any] = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and size ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * (
+            unet.config.addition_time_embed_dim
+        )
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, pooled, generator=generator).to(device, dtype),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2).to(device, dtype),
+        }
 
     def step() -> None:
-        unet(model_input, t, encoder_hidden_states=text)
+        unet(model_input, t, encoder_hidden_states=text, **extra)
 
     first = timed(step, device)
     for _ in range(2):
@@ -690,7 +711,7 @@ def markdown(info: dict[str, Any], results: list[ConfigResult], args: argparse.N
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON and table")
-    parser.add_argument("--arch", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--arch", choices=("sd15", "tiny", "sdxl", "tiny-sdxl"), default="sd15")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", default=str(TARGET_SIZE), help="comma-separated, e.g. 768")
     parser.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes")

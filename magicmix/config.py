@@ -37,15 +37,21 @@ class Settings(BaseSettings):
     # every magic_mix answer leaves within this of the request's arrival (Modal cuts web
     # requests at 150 s): the fetch and the sync wait are shortened to fit
     request_deadline_s: float = Field(120.0, ge=5, le=145)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     store_url: str | None = None
     s3_endpoint_url: str | None = None
     secret_key: SecretStr | None = None
 
     # --- engine ---
     model_revision: str | None = None  # pin a hub model to a commit
+    model_family: Literal["auto", "sd1", "sdxl"] = "auto"  # auto: read from the model
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = False
+    # compiled at load for these sizes ("768x768,1024x1024"); none: the family's size
+    compile_sizes: Annotated[tuple[tuple[int, int], ...], NoDecode] = ()
+    compile_cache_dir: Path | None = None  # default: DATA_DIR/compile-cache
+    cuda_graphs: bool = False  # with compile on CUDA: the UNet in CUDA graphs
+    pinned_transfers: bool = False  # host-to-GPU copies from pinned memory
     channels_last: bool = True
     batch_invariant: bool = False  # bit-identical results whatever shares the batch (slower)
     text_cache_size: int = Field(256, ge=0)
@@ -79,6 +85,14 @@ class Settings(BaseSettings):
     webhook_schedule: Annotated[tuple[float, ...], NoDecode] = WEBHOOK_SCHEDULE
 
     log_level: str = "INFO"
+
+    @field_validator("compile_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            sizes = [part.lower().split("x") for part in value.replace(" ", "").split(",") if part]
+            value = [(int(width), int(height)) for width, height in sizes]
+        return value
 
     @field_validator("webhook_schedule", mode="before")
     @classmethod
@@ -124,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def effective_store_url(self) -> str:
         return self.store_url or f"file://{self.data_dir / 'outputs'}"
+
+    @property
+    def compile_cache_path(self) -> Path:
+        return self.compile_cache_dir or self.data_dir / "compile-cache"
 
     @property
     def database_path(self) -> Path:

@@ -43,6 +43,8 @@ class JobParams(MixParams):
     """What to run, as validated at submission; `seed` is always resolved by then."""
 
     seed: int  # resolved at submission: never None in a job
+    width: int  # resolved at submission (the model family's size unless asked)
+    height: int
     image_ref: str  # the input URL, or a short description of inline data (never the bytes)
     webhook: str | None = None
     track_id: str | int | None = None
@@ -242,7 +244,9 @@ class JobStore(Protocol):
         ...
 
 
-def params_from(submission: Submission, *, seed: int, image_ref: str) -> JobParams:
+def params_from(submission: Submission, *, family: str, seed: int, image_ref: str) -> JobParams:
     """A job's params from what the client sent (the image itself is stored apart)."""
-    fields = submission.model_dump(include=set(JobParams.model_fields) - {"seed", "image_ref"})
-    return JobParams(**fields, seed=seed, image_ref=image_ref)
+    width, height = submission.size_for(family)
+    resolved = {"seed", "image_ref", "width", "height"}
+    fields = submission.model_dump(include=set(JobParams.model_fields) - resolved)
+    return JobParams(**fields, seed=seed, image_ref=image_ref, width=width, height=height)

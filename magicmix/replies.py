@@ -51,6 +51,7 @@ class SuccessOut(BaseModel):
     generationTime: float
     id: int
     output: list[str]
+    proxy_links: list[str]  # ModelsLab's published schema: the same URLs here
     meta: Meta
     message: str | None = None
     track_id: str | int | None = None
@@ -59,12 +60,13 @@ class SuccessOut(BaseModel):
 class ProcessingOut(BaseModel):
     status: Literal["processing"] = "processing"
     id: int
-    eta: float
+    eta: int  # seconds, a whole number as ModelsLab sends it
     message: str
     tip: str
     fetch_result: str
     output: list[str] = []
     future_links: list[str]
+    proxy_links: list[str]
     meta: Meta
     track_id: str | int | None = None
 
@@ -83,6 +85,7 @@ class MessageOut(BaseModel):
 
 class SystemDetailsOut(MessageOut):
     model: str
+    family: str
     device: str
     dtype: str
     queue_length: int
@@ -127,6 +130,7 @@ def ended_reply(job: JobRecord, *, retention_hours: float) -> SuccessOut | Faile
             generationTime=round(job.result.generation_time, 4),
             id=job.id,
             output=job.result.output,
+            proxy_links=list(job.result.output),
             meta=meta(job),
             message=job.result.note,
             track_id=job.params.track_id,

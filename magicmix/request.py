@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic.fields import FieldInfo
 
 from magicmix.errors import InvalidInput
+from magicmix.families import DEFAULT_SIZE
 
 MAX_SEED = 2**63 - 1
 SIZE_STEP = 8  # SD's VAE downsamples by 8; sizes are rounded down to a multiple of it
@@ -46,8 +47,18 @@ class MixParams(BaseModel):
 
     prompt: Text = Field(..., min_length=1, max_length=2000, description="Content to mix in")
     negative_prompt: Text = Field("", max_length=2000, description="What to avoid")
-    width: int = Field(768, ge=256, le=1024, description="Rounded down to a multiple of 8")
-    height: int = Field(768, ge=256, le=1024, description="Rounded down to a multiple of 8")
+    width: int | None = Field(
+        None,
+        ge=256,
+        le=1024,
+        description="768 (SD 1.x) or 1024 (SDXL) unless given; rounded down to a multiple of 8",
+    )
+    height: int | None = Field(
+        None,
+        ge=256,
+        le=1024,
+        description="768 (SD 1.x) or 1024 (SDXL) unless given; rounded down to a multiple of 8",
+    )
     kmin: float = Field(
         0.3, ge=0, allow_inf_nan=False, le=1, description="Where the content phase starts"
     )
@@ -70,8 +81,13 @@ class MixParams(BaseModel):
 
     @field_validator("width", "height")
     @classmethod
-    def _round_down(cls, value: int) -> int:
-        return value // SIZE_STEP * SIZE_STEP
+    def _round_down(cls, value: int | None) -> int | None:
+        return None if value is None else value // SIZE_STEP * SIZE_STEP
+
+    def size_for(self, family: str) -> tuple[int, int]:
+        """(width, height): as asked, else the model family's native size."""
+        native = DEFAULT_SIZE[family]
+        return self.width or native, self.height or native
 
     @field_validator("kmax")
     @classmethod
@@ -127,8 +143,8 @@ class MixRequest:
     image: Image.Image
     prompt: str
     negative_prompt: str = default("negative_prompt")
-    width: int = default("width")
-    height: int = default("height")
+    width: int = DEFAULT_SIZE["sd1"]
+    height: int = DEFAULT_SIZE["sd1"]
     kmin: float = default("kmin")
     kmax: float = default("kmax")
     mix_factor: float = default("mix_factor")

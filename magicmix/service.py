@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from magicmix import __version__
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.errors import Busy, Conflict, Forbidden, InvalidInput, NotFound, StorageError
+from magicmix.families import Family
 from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.inputs.netguard import check_url
 from magicmix.inputs.sources import image_bytes_from_field
@@ -51,6 +53,7 @@ class EngineInfo:
     """What `system_details` says of the model, from wherever it runs."""
 
     model: str
+    family: str
     device: str
     dtype: str
 
@@ -91,8 +94,10 @@ class MagicMixService:
         dispatcher: Dispatcher,
         box: SecretBox,
         links: Links,
+        family: Family,
     ) -> None:
         self.settings = settings
+        self.family = family  # sizes requests that give none
         self.lifecycle = lifecycle
         self.jobs = lifecycle.store
         self.keys = keys
@@ -205,7 +210,7 @@ class MagicMixService:
             data,
             max_pixels=self.settings.max_image_pixels,
             max_decoded_bytes=self.settings.max_image_decoded_bytes,
-            reduce_to=(body.width, body.height),
+            reduce_to=body.size_for(self.family),
         )
         layout = await asyncio.to_thread(png_bytes, image)
         if body.webhook:
@@ -217,6 +222,7 @@ class MagicMixService:
             )
         params = params_from(
             body,
+            family=self.family,
             seed=body.seed if body.seed is not None else random_seed(),
             image_ref=describe_image_field(body.image, len(data)),
         )
@@ -261,13 +267,14 @@ class MagicMixService:
         if job.status.is_terminal:
             return ended_reply(job, retention_hours=self.settings.retention_hours)
         ahead = max(self.jobs.queue_length() - 1, 0)
-        eta = round((ahead // self.settings.batch_size + 1) * self._seconds_per_job, 1)
+        eta = math.ceil((ahead // self.settings.batch_size + 1) * self._seconds_per_job)
         future = [] if self.keys.get_s3(job.key_id) else [self.links.output(job.output_name)]
         return ProcessingOut(
             id=job.id,
             eta=eta,
             meta=meta(job),
             future_links=future,
+            proxy_links=list(future),
             message="Your image is being processed; fetch the result with the fetch_result"
             " URL (POST with your key).",
             tip="Set `webhook` to be called when the image is ready instead of polling.",
@@ -282,6 +289,7 @@ class MagicMixService:
         return SystemDetailsOut(
             message="magicmix is running",
             model=engine.model,
+            family=engine.family,
             device=engine.device,
             dtype=engine.dtype,
             queue_length=self.jobs.queue_length(),

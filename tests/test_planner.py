@@ -350,7 +350,13 @@ def modal_defaults() -> dict[str, str]:
 
 def test_defaults_are_the_deployed_ones() -> None:
     knobs, cap = modal_defaults(), Capacity()
-    assert cap.batch_size == int(knobs["MAGICMIX_BATCH_SIZE"])
+    tree = ast.parse((ROOT / "modal_app.py").read_text())
+    batch_default = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "BATCH_DEFAULT"
+    )
+    assert cap.batch_size == batch_default["sd1"]
     assert cap.batch_wait_s == int(knobs["MAGICMIX_BATCH_WAIT_MS"]) / 1000
     assert cap.max_containers == int(knobs["MAGICMIX_MAX_GPUS"])
     assert cap.scaledown_window_s == int(knobs["MAGICMIX_GPU_IDLE_S"])

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from magicmix.cli.options import ImageOption, PromptOption, fail, mix_params, option
+from magicmix.cli.options import (
+    ImageOption,
+    PromptOption,
+    fail,
+    mix_params,
+    model_family,
+    option,
+)
 from magicmix.cli.sweep import sweep_command
 from magicmix.config import Settings, get_settings
 from magicmix.errors import MagicMixError
@@ -35,8 +42,8 @@ def mix(
     kmin: Annotated[float, option("kmin")] = default("kmin"),
     kmax: Annotated[float, option("kmax")] = default("kmax"),
     mix_factor: Annotated[float, option("mix_factor")] = default("mix_factor"),
-    width: Annotated[int, option("width")] = default("width"),
-    height: Annotated[int, option("height")] = default("height"),
+    width: Annotated[int | None, option("width")] = default("width"),
+    height: Annotated[int | None, option("height")] = default("height"),
     guidance_scale: Annotated[float, option("guidance_scale")] = default("guidance_scale"),
 ) -> None:
     """Mix one image with a prompt and write the result as a PNG (progress on stderr)."""
@@ -58,9 +65,10 @@ def mix(
             guidance_scale=guidance_scale,
             seed=seed,
         )
+        width, height = params.size_for(model_family(settings))
         request = MixRequest(
-            image=read_image_source(image, settings, reduce_to=(params.width, params.height)),
-            **params.model_dump(include=set(ENGINE_FIELDS)),
+            image=read_image_source(image, settings, reduce_to=(width, height)),
+            **{**params.model_dump(include=set(ENGINE_FIELDS)), "width": width, "height": height},
         )
         validate_request(request)  # before the model loads: bad values fail in a blink
         from magicmix.engine.configure import load_engine
@@ -76,25 +84,32 @@ def mix(
 
 
 @app.command("build-tiny")
-def build_tiny(directory: Annotated[Path, typer.Argument(help="Output directory.")]) -> None:
-    """Write the embedded tiny model (random weights, SD 1.x layout) as a diffusers folder."""
+def build_tiny(
+    directory: Annotated[Path, typer.Argument(help="Output directory.")],
+    arch: Annotated[str, typer.Option(help="'sd1' (SD 1.x layout) or 'sdxl'.")] = "sd1",
+) -> None:
+    """Write a tiny random-weight model (SD 1.x or SDXL layout) as a diffusers folder."""
     from magicmix.engine.builder import build_random_model
 
-    build_random_model(directory, "tiny")
-    typer.echo(f"wrote the tiny model to {directory}", err=True)
+    if arch not in ("sd1", "sdxl"):
+        raise fail(f"--arch must be 'sd1' or 'sdxl', got {arch!r}")
+    build_random_model(directory, "tiny" if arch == "sd1" else "tiny-sdxl")
+    typer.echo(f"wrote the tiny {arch} model to {directory}", err=True)
 
 
 @app.command("build-random")
 def build_random(
     directory: Annotated[Path, typer.Argument(help="Output directory.")],
-    arch: Annotated[str, typer.Option(help="'tiny' or 'sd15' (full-size SD 1.5).")] = "sd15",
+    arch: Annotated[
+        str, typer.Option(help="'sd15' (full-size SD 1.5), 'sdxl' (SDXL base), or a tiny one.")
+    ] = "sd15",
 ) -> None:
     """Write a random-weight model of a real architecture, to measure speed without a hub."""
-    from magicmix.engine.builder import build_random_model
+    from magicmix.engine.builder import ARCHES, build_random_model
 
-    if arch not in ("tiny", "sd15"):
-        raise fail(f"--arch must be 'tiny' or 'sd15', got {arch!r}")
-    build_random_model(directory, arch)  # type: ignore[arg-type]
+    if arch not in ARCHES:
+        raise fail(f"--arch must be one of {', '.join(ARCHES)}, got {arch!r}")
+    build_random_model(directory, arch)
     typer.echo(f"wrote a random {arch} model to {directory}", err=True)
 
 

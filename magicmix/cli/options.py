@@ -7,7 +7,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from magicmix.config import Settings
 from magicmix.errors import InvalidInput
+from magicmix.families import resolve_family
 from magicmix.request import MixParams, describe
 
 
@@ -20,6 +22,11 @@ def fail(message: str) -> typer.Exit:
 def option(name: str, **extra: Any) -> Any:
     """A typer option whose help text is the request field's own description."""
     return typer.Option(help=describe(name), **extra)
+
+
+def model_family(settings: Settings) -> str:
+    """The configured model's family, read from its folder or the hub cache (no torch)."""
+    return resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
 
 
 def mix_params(**values: Any) -> MixParams:

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from PIL import Image, ImageDraw, ImageFont
 
-from magicmix.cli.options import ImageOption, PromptOption, fail, mix_params, option
+from magicmix.cli.options import (
+    ImageOption,
+    PromptOption,
+    fail,
+    mix_params,
+    model_family,
+    option,
+)
 from magicmix.config import get_settings
 from magicmix.errors import InvalidInput, MagicMixError
 from magicmix.request import ENGINE_FIELDS, MixRequest, default, validate_request
@@ -242,9 +249,10 @@ def sweep_command(
             guidance_scale=guidance_scale,
             seed=seed,
         )
+        width, height = params.size_for(model_family(settings))
         base = MixRequest(
-            image=read_image_source(image, settings, reduce_to=(params.width, params.height)),
-            **params.model_dump(include=set(ENGINE_FIELDS)),
+            image=read_image_source(image, settings, reduce_to=(width, height)),
+            **{**params.model_dump(include=set(ENGINE_FIELDS)), "width": width, "height": height},
         )
         for request in plan.requests(base):  # refuse a bad cell before loading the model
             validate_request(request)

@@ -1,10 +1,11 @@
-"""Build Stable Diffusion 1.x models with random weights, offline and deterministically.
+"""Build Stable Diffusion models with random weights, offline and deterministically.
 
-`tiny` is the embedded model the tests and `make run` use: the SD 1.x architecture at toy
-sizes, so every code path runs in seconds on a CPU (its images are noise). `sd15` is the
-real SD 1.5 architecture at full size, for measuring speed and memory on a GPU machine
-that cannot reach a model hub. Both are written as a diffusers folder that
-`StableDiffusionPipeline.from_pretrained(DIR)` loads.
+`tiny` is the embedded model the tests use: the SD 1.x architecture at toy sizes, so every
+code path runs in seconds on a CPU (its images are noise); `tiny-sdxl` is the same for the
+SDXL architecture (two text encoders, pooled embeddings, size/crop conditioning). `sd15`
+and `sdxl` are the real architectures at full size, for measuring speed and memory on a
+GPU machine that cannot reach a model hub. All are written as the diffusers folder that
+`StableDiffusionPipeline` (or `StableDiffusionXLPipeline`) `.from_pretrained(DIR)` loads.
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-Arch = Literal["tiny", "sd15"]
+Arch = Literal["tiny", "sd15", "tiny-sdxl", "sdxl"]
+ARCHES: tuple[Arch, ...] = ("tiny", "sd15", "tiny-sdxl", "sdxl")
+SDXL_SCALING_FACTOR = 0.13025  # SDXL's VAE latents are scaled by this, not SD 1.x's 0.18215
 BUILD_SEED = 20221029  # fixed, so two builds are byte-identical
 CLIP_MAX_TOKENS = 77
 
@@ -80,18 +91,7 @@ def _tiny_modules(vocab_size: int) -> tuple[UNet2DConditionModel, AutoencoderKL,
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    # Four blocks, so the VAE downsamples by 8 as SD 1.x does.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=256,
-    )
+    vae = _tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
@@ -106,6 +106,22 @@ def _tiny_modules(vocab_size: int) -> tuple[UNet2DConditionModel, AutoencoderKL,
         )
     )
     return unet, vae, text_encoder
+
+
+def _tiny_vae(**family: object) -> AutoencoderKL:
+    """Four blocks, so the VAE downsamples by 8 as SD does."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=256,
+        **family,
+    )
 
 
 def _sd15_modules() -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
@@ -146,27 +162,144 @@ def _sd15_modules() -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
     return unet, vae, text_encoder
 
 
+def _tiny_sdxl_modules(
+    vocab_size: int,
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's wiring at toy sizes: cross-attention over both encoders' hidden states, and
+    the 'text_time' embedding of the pooled text plus six size/crop ids."""
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # 32 + 32: the two encoders side by side
+        attention_head_dim=8,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled + 6 time ids
+        use_linear_projection=True,
+    )
+    _, _, text_encoder = _tiny_modules(vocab_size)
+    vae = _tiny_vae(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+    config = text_encoder.config.to_dict()
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**{**config, "projection_dim": 32, "hidden_act": "gelu"})
+    )
+    return unet, vae, text_encoder, text_encoder_2
+
+
+def _sdxl_modules() -> tuple[
+    UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection
+]:
+    """SDXL base 1.0's exact configs (UNet 2.6B, VAE 84M, CLIP ViT-L and OpenCLIP bigG)."""
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=SDXL_SCALING_FACTOR,
+        force_upcast=True,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=CLIP_MAX_TOKENS,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            max_position_embeddings=CLIP_MAX_TOKENS,
+            hidden_act="gelu",
+            projection_dim=1280,
+        )
+    )
+    return unet, vae, text_encoder, text_encoder_2
+
+
+def _sdxl_scheduler() -> EulerDiscreteScheduler:
+    """The scheduler SDXL ships (the engine runs DDIM on its noise schedule)."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
 def build_random_model(directory: Path, arch: Arch = "tiny") -> Path:
-    """Write a random-weight SD 1.x model of `arch` to `directory`; returns the directory."""
+    """Write a random-weight model of `arch` to `directory`; returns the directory."""
+    if arch not in ARCHES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHES)}")
     tokenizer = build_clip_tokenizer()
+    pipeline: DiffusionPipeline
     with torch.random.fork_rng(devices=[]):  # seed locally, leave global RNG state untouched
         torch.manual_seed(BUILD_SEED)
-        if arch == "tiny":
-            unet, vae, text_encoder = _tiny_modules(vocab_size=len(tokenizer))
-        elif arch == "sd15":
-            unet, vae, text_encoder = _sd15_modules()
+        if arch in ("tiny", "sd15"):
+            unet, vae, text_encoder = (
+                _tiny_modules(vocab_size=len(tokenizer)) if arch == "tiny" else _sd15_modules()
+            )
+            pipeline = StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=_sd_scheduler(),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         else:
-            raise ValueError(f"unknown architecture {arch!r}; expected 'tiny' or 'sd15'")
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+            unet, vae, text_encoder, text_encoder_2 = (
+                _tiny_sdxl_modules(len(tokenizer)) if arch == "tiny-sdxl" else _sdxl_modules()
+            )
+            pipeline = StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer,
+                tokenizer_2=build_clip_tokenizer(),
+                unet=unet,
+                scheduler=_sdxl_scheduler(),
+                force_zeros_for_empty_prompt=True,
+                add_watermarker=False,
+            )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(directory, safe_serialization=True)

@@ -53,7 +53,7 @@ def engine_on_cuda(components: Components, settings: Settings) -> MagicMixEngine
     before the container takes work, so no request pays for it.
     """
     device = torch.device("cuda")
-    for module in (components.unet, components.vae, components.text_encoder):
+    for module in components.modules():
         module.to(device)
     engine = MagicMixEngine(
         components,
@@ -63,6 +63,11 @@ def engine_on_cuda(components: Components, settings: Settings) -> MagicMixEngine
         options=engine_options(settings),
     )
     engine.model_name = settings.model
+    if settings.model_family not in ("auto", engine.family):
+        raise RuntimeError(
+            f"MAGICMIX_MODEL_FAMILY is {settings.model_family} but {settings.model} is"
+            f" {engine.family}: redeploy with the right family (or none, to detect it)"
+        )
     if settings.compile:
         sizes = [b for b in engine.options.batch_buckets if b <= settings.batch_size]
         engine.warmup(768, 768, batch_sizes=sizes)

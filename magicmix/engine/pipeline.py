@@ -1,4 +1,4 @@
-"""The MagicMix engine: Algorithm 1 of Liew et al. 2022 (arXiv 2210.16056) on SD 1.x parts.
+"""The MagicMix engine: Algorithm 1 of Liew et al. 2022 (arXiv 2210.16056) on SD 1.x or SDXL.
 
 MagicMix keeps the *layout* of an image and gives it the *content* of a prompt. With the
 scheduler's timesteps for `steps`, it runs only the last `int(kmax*steps)` of them:
@@ -21,6 +21,13 @@ Where we depart from the paper, and why:
   order (start noise, then one draw per layout step), so results do not depend on the
   device's RNG or on what else shares the batch.
 
+On SDXL the same algorithm runs with SDXL's conditioning: the two text encoders' penultimate
+hidden states side by side, the second encoder's pooled embedding, and the size/crop time
+ids (original = target = the output size, crop (0, 0)), for the unconditional and the
+conditional rows alike; an empty negative prompt is zeros where the checkpoint asks for
+that (`force_zeros_for_empty_prompt`), as diffusers' SDXL pipeline does. SDXL's VAE
+overflows in fp16, so where its config says `force_upcast` it runs in fp32.
+
 Where we differ from the diffusers community `magic_mix` pipeline: it draws the VAE sample
 from the global RNG before seeding (not reproducible), ignores the negative prompt, mixes
 before the UNet call instead of after the step, crashes on RGBA or greyscale input and
@@ -32,7 +39,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +49,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
 
 from magicmix.engine.loading import (
     Components,
@@ -78,6 +86,41 @@ class MixResult:
     seed: int
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What guides the UNet, for rows [uncond..., cond...]: text, and SDXL's extras."""
+
+    text: torch.Tensor  # (2B, tokens, dim)
+    pooled: torch.Tensor | None = None  # (2B, projection): SDXL's pooled text embedding
+    time_ids: torch.Tensor | None = None  # (2B, 6): SDXL's size and crop conditioning
+
+    def rows(self, index: list[int]) -> Conditioning:
+        return self._map(lambda tensor: tensor[index])
+
+    def padded(self, to: int) -> Conditioning:
+        """Each half padded (with its last row) to `to` rows."""
+
+        def pad(tensor: torch.Tensor) -> torch.Tensor:
+            halves = tensor.chunk(2)
+            missing = to - halves[0].shape[0]
+            return torch.cat([torch.cat([h, h[-1:].expand(missing, *h.shape[1:])]) for h in halves])
+
+        return self._map(pad)
+
+    def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        return Conditioning(
+            change(self.text),
+            None if self.pooled is None else change(self.pooled),
+            None if self.time_ids is None else change(self.time_ids),
+        )
+
+    def unet_kwargs(self) -> dict[str, object]:
+        kwargs: dict[str, object] = {"encoder_hidden_states": self.text}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
 def mix_latents(denoised: torch.Tensor, layout: torch.Tensor, mix_factor: torch.Tensor):
     """Sec. 3.2 layout mixing: ν·ẑ(t-1) + (1-ν)·z_layout(t-1), ν per sample."""
     return mix_factor * denoised + (1.0 - mix_factor) * layout
@@ -90,7 +133,7 @@ def guidance_pad(values: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class MagicMixEngine:
-    """Runs batches of `MixRequest`s on one loaded SD 1.x model. Knows nothing of HTTP or jobs."""
+    """Runs batches of `MixRequest`s on one loaded SD 1.x or SDXL model. Knows nothing of HTTP."""
 
     def __init__(
         self,
@@ -108,10 +151,14 @@ class MagicMixEngine:
         self.dtype = dtype
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self.latent_channels = components.unet.config.in_channels
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.family = components.family
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._text_cache_size = text_cache_size
         self.unet_calls = 0  # UNet forward passes since load; tests and benchmarks read it
         self._vae_fp32: AutoencoderKL | None = None
+        if dtype == torch.float16 and components.vae.config.get("force_upcast", False):
+            components.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+        self._vae_dtype = components.vae.dtype
         self._apply_options()
 
     @classmethod
@@ -170,6 +217,7 @@ class MagicMixEngine:
         """What `system_details` reports about the loaded model."""
         return {
             "model": self.model_name,
+            "family": self.family,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
@@ -245,14 +293,14 @@ class MagicMixEngine:
 
         # 1. Layout image -> z0, noised to t = kmax.
         z0 = self._encode_images(requests)
-        text = self._encode_text(requests)
+        conditioning = self._condition(requests)
         guidance = self._per_sample([r.guidance_scale for r in requests])
         nu = self._per_sample([r.mix_factor for r in requests])
         latents = scheduler.add_noise(z0, self._noise(generators, z0), timesteps[:1])
 
         bar = tqdm(timesteps, desc="magicmix", disable=not progress, file=sys.stderr, leave=False)
         for index, t in enumerate(bar):
-            noise_pred = self._guided_noise(latents, t, text, guidance)
+            noise_pred = self._guided_noise(latents, t, conditioning, guidance)
             denoised = scheduler.step(noise_pred, t, latents).prev_sample
             if index < first.layout_steps:
                 # 2. Layout phase: pull the step back towards the layout, noised to t-1.
@@ -270,40 +318,42 @@ class MagicMixEngine:
         return self._decode(latents)
 
     def _guided_noise(
-        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, guidance: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+        guidance: torch.Tensor,
     ) -> torch.Tensor:
         """Classifier-free guidance with uncond and cond in one batched UNet call."""
         self.unet_calls += 1
         size = latents.shape[0]
-        if self.options.batch_invariant and size > 1:  # text is [uncond..., cond...]
+        if self.options.batch_invariant and size > 1:  # rows are [uncond..., cond...]
             return torch.cat(
                 [
                     self._guided_noise_batch(
-                        latents[i : i + 1], t, text[[i, size + i]], guidance[i : i + 1]
+                        latents[i : i + 1], t, conditioning.rows([i, size + i]), guidance[i : i + 1]
                     )
                     for i in range(size)
                 ]
             )
-        return self._guided_noise_batch(latents, t, text, guidance)
+        return self._guided_noise_batch(latents, t, conditioning, guidance)
 
     def _guided_noise_batch(
-        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, guidance: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+        guidance: torch.Tensor,
     ) -> torch.Tensor:
         size = latents.shape[0]
         padded = self._bucket(size)
         if padded > size:  # repeat the last sample so a compiled graph of this size is reused
             latents = torch.cat([latents, latents[-1:].expand(padded - size, -1, -1, -1)])
-            uncond_text, cond_text = text.chunk(2)
-            text = torch.cat(
-                [
-                    torch.cat([uncond_text, uncond_text[-1:].expand(padded - size, -1, -1)]),
-                    torch.cat([cond_text, cond_text[-1:].expand(padded - size, -1, -1)]),
-                ]
-            )
+            conditioning = conditioning.padded(padded)
         model_input = torch.cat([latents, latents])
         if self.options.channels_last:
             model_input = model_input.contiguous(memory_format=torch.channels_last)
-        noise = self.components.unet(model_input, t, encoder_hidden_states=text).sample
+        noise = self.components.unet(model_input, t, **conditioning.unet_kwargs()).sample
         uncond, cond = noise.chunk(2)
         return (uncond + guidance_pad(guidance, padded) * (cond - uncond))[:size]
 
@@ -335,41 +385,75 @@ class MagicMixEngine:
             ]
         )
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1.0)
-        batch = batch.to(device=self.device, dtype=self.dtype)
+        batch = batch.to(device=self.device, dtype=self._vae_dtype)
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         latents = torch.cat([vae.encode(part).latent_dist.mean for part in self._pieces(batch)])
         if not torch.isfinite(latents).all():  # fp16 overflow: redo this batch in fp32
-            latents = self._fp32_vae().encode(batch.float()).latent_dist.mean.to(self.dtype)
-        return latents * vae.config.scaling_factor
+            latents = self._fp32_vae().encode(batch.float()).latent_dist.mean
+        return latents.to(self.dtype) * vae.config.scaling_factor
 
-    def _encode_text(self, requests: list[MixRequest]) -> torch.Tensor:
-        """[uncond..., cond...] embeddings; the negative prompt is the unconditional text."""
+    def _condition(self, requests: list[MixRequest]) -> Conditioning:
+        """[uncond..., cond...] rows; the negative prompt is the unconditional text."""
         texts = [r.negative_prompt for r in requests] + [r.prompt for r in requests]
         missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if missing:
-            tokenizer = self.components.tokenizer
-            ids = tokenizer(
-                missing,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            encoder = self.components.text_encoder
-            embeddings = torch.cat([encoder(part)[0] for part in self._pieces(ids)]).to(self.dtype)
-            for text, embedding in zip(missing, embeddings, strict=True):
-                self._text_cache[text] = embedding
-        stacked = torch.stack([self._text_cache[t] for t in texts])
+            states, pooled_states = self._encode_texts(missing)
+            for index, text in enumerate(missing):
+                pooled_one = None if pooled_states is None else pooled_states[index]
+                self._text_cache[text] = (states[index], pooled_one)
+        entries = [self._text_cache[t] for t in texts]
         for text in texts:
             self._text_cache.move_to_end(text)
         while len(self._text_cache) > self._text_cache_size:
             self._text_cache.popitem(last=False)
-        return stacked
+        hidden = torch.stack([state for state, _ in entries])
+        if self.components.text_encoder_2 is None:
+            return Conditioning(hidden)
+        pooled = torch.stack([p for _, p in entries if p is not None])
+        if self.components.force_zeros_for_empty_prompt:  # as diffusers' SDXL pipeline does
+            empty = [t == "" for t in texts[: len(requests)]] + [False] * len(requests)
+            mask = torch.tensor(empty, device=self.device)
+            hidden = torch.where(mask.view(-1, 1, 1), torch.zeros_like(hidden), hidden)
+            pooled = torch.where(mask.view(-1, 1), torch.zeros_like(pooled), pooled)
+        # original size, crop corner, target size: the output size, uncropped
+        sizes = [[r.height, r.width, 0, 0, r.height, r.width] for r in requests]
+        time_ids = torch.tensor(sizes * 2, dtype=self.dtype, device=self.device)
+        return Conditioning(hidden, pooled, time_ids)
+
+    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per text: its hidden states (and SDXL's pooled embedding)."""
+        parts = self.components
+        if parts.text_encoder_2 is None or parts.tokenizer_2 is None:
+            ids = self._token_ids(parts.tokenizer, texts)
+            hidden = torch.cat([parts.text_encoder(piece)[0] for piece in self._pieces(ids)])
+            return hidden.to(self.dtype), None
+        states, pooled = [], None
+        for tokenizer, encoder in (
+            (parts.tokenizer, parts.text_encoder),
+            (parts.tokenizer_2, parts.text_encoder_2),
+        ):
+            ids = self._token_ids(tokenizer, texts)
+            outputs = [encoder(piece, output_hidden_states=True) for piece in self._pieces(ids)]
+            states.append(torch.cat([out.hidden_states[-2] for out in outputs]))
+            if encoder is parts.text_encoder_2:
+                pooled = torch.cat([out[0] for out in outputs])  # the projected pooled output
+        hidden = torch.cat(states, dim=-1)
+        assert pooled is not None  # nosec B101 - the second encoder ran
+        return hidden.to(self.dtype), pooled.to(self.dtype)
+
+    def _token_ids(self, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.components.vae
-        scaled = latents / vae.config.scaling_factor
+        scaled = (latents / vae.config.scaling_factor).to(self._vae_dtype)
         decoded = torch.cat([vae.decode(part).sample for part in self._pieces(scaled)])
         if not torch.isfinite(decoded).all():  # fp16 overflow: redo this batch in fp32
             decoded = self._fp32_vae().decode(scaled.float()).sample

@@ -54,7 +54,7 @@ def plan_command(
         Path | None,
         typer.Option(
             help="GpuProfile JSON: per-batch seconds by batch size, cold start (make one with"
-            " `python -m benchmarks.profile --out FILE`). Default: the shipped H200 profile,"
+            " `python -m benchmarks.make_profile --out FILE`). Default: the shipped H200 profile,"
             " benchmarks/results/profile-h200-2026-11-27.json (fp16 + SDPA)."
         ),
     ] = None,

@@ -2,7 +2,7 @@
 
 A `GpuProfile` is a JSON file. The shipped ones (`benchmarks/results/profile-h200-*.json`)
 were made from the H200 runs in `benchmarks/results/gpu-h200-2026-11-27*`; any machine can
-make its own with `python -m benchmarks.profile --out FILE`, which times the engine as the
+make its own with `python -m benchmarks.make_profile --out FILE`, which times the engine as the
 `MAGICMIX_*` settings configure it.
 
 `per_batch_s` holds only what was measured (the engine call, `engine.mix`). After it the job

@@ -12,6 +12,7 @@ from magicmix.backends.local.keys import SqliteKeyStore
 from magicmix.backends.local.worker import LocalWorker
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
+from magicmix.families import resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import QueueLimits
 from magicmix.lifecycle import Lifecycle
@@ -57,11 +58,13 @@ def build_local_service(settings: Settings) -> MagicMixService:
     keys = SqliteKeyStore(db, box, secret, settings.static_api_keys)
     lifecycle = Lifecycle(jobs, queue_limits(settings))
     outputs = open_store(settings)
+    family = resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
     links = HttpLinks(settings.public_url)
     runner = JobRunner(
         settings=settings, lifecycle=lifecycle, outputs=outputs, keys=keys, box=box, links=links
     )
     worker = LocalWorker(
+        family=family,
         lifecycle=lifecycle,
         runner=runner,
         load_engine=lambda: load_engine(settings),
@@ -78,6 +81,7 @@ def build_local_service(settings: Settings) -> MagicMixService:
         dispatcher=worker,
         box=box,
         links=links,
+        family=family,
     )
     service.add_background(pump.run_forever)
     service.add_background(service.sweep_forever)

@@ -69,12 +69,14 @@ class LocalWorker:
         lifecycle: Lifecycle,
         runner: JobRunner,
         load_engine: Callable[[], Engine],
+        family: str,
         batch_size: int,
         batch_wait_s: float,
     ) -> None:
         self._lifecycle = lifecycle
         self._runner = runner
         self._load_engine = load_engine
+        self._family = family
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
         self._claimant = f"local:{os.getpid()}"
@@ -120,7 +122,9 @@ class LocalWorker:
 
     def describe(self) -> EngineInfo:
         if self.engine is None:
-            return EngineInfo(model="loading", device="loading", dtype="loading")
+            return EngineInfo(
+                model="loading", family=self._family, device="loading", dtype="loading"
+            )
         return EngineInfo(**self.engine.describe())
 
     def clear_cache(self) -> str:

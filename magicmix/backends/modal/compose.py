@@ -24,6 +24,7 @@ from magicmix.backends.modal.dispatch import GpuCalls, ModalDispatcher
 from magicmix.backends.modal.state import BlobStore, DictJobStore, DictKeyStore, ModalState
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
+from magicmix.families import Family, resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits
 from magicmix.keys import key_action
@@ -77,6 +78,11 @@ class ModalParts:
     outputs: OutputStore
     links: HttpLinks
     nudges: WebhookNudges
+
+    @property
+    def family(self) -> Family:
+        """The deploy-time family (MAGICMIX_MODEL_FAMILY); the GPU class checks it."""
+        return resolve_family(self.settings.model, self.settings.model_family)
 
 
 def modal_settings(web_url: str | None) -> Settings:
@@ -142,7 +148,10 @@ def dispatcher(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> ModalDispa
         calls=parts.state.jobs,
         gpu=gpu,
         engine=EngineInfo(
-            model=parts.settings.model, device=f"cuda ({gpu_name} on Modal)", dtype=dtype
+            model=parts.settings.model,
+            family=parts.family,
+            device=f"cuda ({gpu_name} on Modal)",
+            dtype=dtype,
         ),
         flush_webhooks=parts.nudges.flush,
     )
@@ -158,6 +167,7 @@ def web_service(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> MagicMixS
         dispatcher=dispatcher(parts, gpu, gpu_name=gpu_name),
         box=parts.box,
         links=parts.links,
+        family=parts.family,
     )
 
 

@@ -22,6 +22,10 @@ HUB_ALLOW_PATTERNS = [
     "unet/diffusion_pytorch_model.fp16.safetensors",
     "vae/config.json",
     "vae/diffusion_pytorch_model.fp16.safetensors",
+    # SDXL's second text encoder (absent from SD 1.x repos, so asked for in vain there)
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.fp16.safetensors",
+    "tokenizer_2/*",
 ]
 
 

@@ -1,7 +1,7 @@
 """Make a `GpuProfile` for `magicmix plan` on this machine: seconds per batch, cold start.
 
-    python -m benchmarks.profile --out benchmarks/results/profile-<machine>-<date>.json
-    MAGICMIX_DEVICE=cpu python -m benchmarks.profile --width 256 --height 256 --out FILE
+    python -m benchmarks.make_profile --out benchmarks/results/profile-<machine>-<date>.json
+    MAGICMIX_DEVICE=cpu python -m benchmarks.make_profile --width 256 --height 256 --out FILE
 
 Times the engine exactly as the `MAGICMIX_*` settings configure it (model, device, dtype,
 compile, channels_last; `magicmix.config.Settings`): one warm-up per batch size, then
@@ -47,7 +47,7 @@ def log(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.make_profile", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--name", default="", help="profile name (default: from the device)")
     parser.add_argument("--sizes", default="1,2,4,8", help="batch sizes, comma-separated")
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> Path:
         device=device,
         measured_on=datetime.now(UTC).date(),
         source=(
-            f"python -m benchmarks.profile {' '.join(argv if argv is not None else sys.argv[1:])}"
-            f" (host {platform.node()}); MAGICMIX_MODEL={settings.model},"
+            "python -m benchmarks.make_profile "
+            + " ".join(argv if argv is not None else sys.argv[1:])
+            + f" (host {platform.node()}); MAGICMIX_MODEL={settings.model},"
             f" compile={settings.compile}, channels_last={settings.channels_last}"
         ),
         request={
