@@ -18,6 +18,7 @@ run-time settings, read when a container starts.
     MAGICMIX_BATCH_WAIT_MS   how long a GPU container waits for a batch to fill (default 100)
     MAGICMIX_GPU_IDLE_S      an idle GPU container scales down after this (default 30)
     MAGICMIX_GPU_SNAPSHOT    1: snapshot the GPU state too (Modal alpha; default off)
+    MAGICMIX_COMPILE         1: torch.compile at container start, cached in a Volume (off)
     MAGICMIX_HF_SECRET       name of a Modal secret with HF_TOKEN, for gated checkpoints
 """
 
@@ -50,8 +51,10 @@ BATCH_SIZE = int(os.environ.get("MAGICMIX_BATCH_SIZE", BATCH_DEFAULT[FAMILY]))
 BATCH_WAIT_MS = int(os.environ.get("MAGICMIX_BATCH_WAIT_MS", "100"))
 GPU_IDLE_S = int(os.environ.get("MAGICMIX_GPU_IDLE_S", "30"))
 GPU_SNAPSHOT = os.environ.get("MAGICMIX_GPU_SNAPSHOT", "") == "1"
+COMPILE = os.environ.get("MAGICMIX_COMPILE", "") == "1"
 HF_SECRET = os.environ.get("MAGICMIX_HF_SECRET", "")
 CACHE_DIR = "/cache"  # the weights Volume; the Hugging Face cache lives under it
+COMPILE_DIR = "/compile-cache"  # the compile-cache Volume: torch.compile's output, by key
 LOCKS = ROOT / "requirements"  # pinned to what CI tests (scripts/lock.py)
 
 DEPLOY_ENV = {
@@ -63,6 +66,9 @@ DEPLOY_ENV = {
     "MAGICMIX_MAX_GPUS": str(MAX_GPUS),
     "MAGICMIX_BATCH_SIZE": str(BATCH_SIZE),
     "MAGICMIX_BATCH_WAIT_MS": str(BATCH_WAIT_MS),
+    "MAGICMIX_COMPILE": "true" if COMPILE else "false",
+    "MAGICMIX_COMPILE_CACHE_DIR": COMPILE_DIR,
+    "MAGICMIX_COMPILE_WORK_DIR": "/tmp/magicmix-inductor",  # the container's own disk
     **({"MAGICMIX_MODEL_REVISION": MODEL_REVISION} if MODEL_REVISION else {}),
 }
 # Heavy layers first, local source last: a code change rebuilds only the last layer.
@@ -81,6 +87,7 @@ web_image = (  # the front door: no torch, so it starts in seconds
 app = modal.App(APP_NAME, image=web_image)
 
 weights = modal.Volume.from_name("magicmix-weights", create_if_missing=True)
+compile_cache = modal.Volume.from_name("magicmix-compile-cache", create_if_missing=True)
 dicts = {
     name: modal.Dict.from_name(f"magicmix-{name}", create_if_missing=True)
     for name in ("jobs", "active", "outbox", "expiring", "keys")
@@ -124,7 +131,7 @@ def download_weights() -> None:
     image=gpu_image,
     gpu=GPU,
     secrets=service_secrets,
-    volumes={CACHE_DIR: weights.with_mount_options(read_only=True)},
+    volumes={CACHE_DIR: weights.with_mount_options(read_only=True), COMPILE_DIR: compile_cache},
     env={"HF_HUB_OFFLINE": "1"},  # weights come from the Volume, never the hub
     enable_memory_snapshot=True,
     experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
@@ -145,6 +152,8 @@ class MagicMix:
     def to_gpu(self) -> None:
         shared = parts()
         self.worker = GpuWorker(shared, engine_on_cuda(self.weights, shared.settings))
+        if COMPILE:
+            compile_cache.commit()  # a warm-up that compiled publishes for the next container
 
     @modal.batched(max_batch_size=BATCH_SIZE, wait_ms=BATCH_WAIT_MS)
     def run(self, job_inputs: list[str]) -> list[str]:

@@ -130,6 +130,24 @@ CONFIGS: tuple[ConfigSpec, ...] = (
         cell_budget_s=8.0,
         slice_s=None,
     ),
+    # issue 17, each change alone on top of `fast`: CUDA graphs for the UNet loop, and
+    # host-to-GPU copies from pinned memory
+    ConfigSpec(
+        "fastgraphs",
+        torch.float16,
+        EngineOptions(sdpa=True, channels_last=True, tf32=True, compile=True, cuda_graphs=True),
+        cell_budget_s=8.0,
+        slice_s=None,
+    ),
+    ConfigSpec(
+        "fastpinned",
+        torch.float16,
+        EngineOptions(
+            sdpa=True, channels_last=True, tf32=True, compile=True, pinned_transfers=True
+        ),
+        cell_budget_s=8.0,
+        slice_s=None,
+    ),
 )
 
 

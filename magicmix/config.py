@@ -50,11 +50,13 @@ class Settings(BaseSettings):
     # compiled at load for these sizes ("768x768,1024x1024"); none: the family's size
     compile_sizes: Annotated[tuple[tuple[int, int], ...], NoDecode] = ()
     compile_cache_dir: Path | None = None  # default: DATA_DIR/compile-cache
+    compile_work_dir: Path | None = None  # where torch writes; default: the cache itself
     cuda_graphs: bool = False  # with compile on CUDA: the UNet in CUDA graphs
     pinned_transfers: bool = False  # host-to-GPU copies from pinned memory
     channels_last: bool = True
     batch_invariant: bool = False  # bit-identical results whatever shares the batch (slower)
     text_cache_size: int = Field(256, ge=0)
+    store_threads: int = Field(4, ge=1, le=32)  # a batch's PNGs encoded and stored at once
 
     # --- capacity: sized together (capacity.py); max_queue follows unless set ---
     gpu: str = "cpu"  # MAGICMIX_GPU: the GPU type on Modal, "cpu" locally

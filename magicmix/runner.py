@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from PIL import Image
@@ -104,10 +105,19 @@ class JobRunner:
             ]
         elapsed = time.perf_counter() - started
         log.info("mixed jobs %s in %.2fs", [job.id for job, _ in runnable], elapsed)
-        return [
-            self._store(job, png_bytes(result.image), elapsed)
-            for (job, _), result in zip(runnable, results, strict=True)
-        ]
+
+        def store(pair: tuple[tuple[JobRecord, MixRequest], Mixed]) -> JobRecord | None:
+            (job, _), result = pair
+            return self._store(job, png_bytes(result.image), elapsed)
+
+        pairs = list(zip(runnable, results, strict=True))
+        threads = min(self.settings.store_threads, len(pairs))
+        if threads <= 1:
+            return [store(pair) for pair in pairs]
+        # PNG encoding (zlib frees the GIL) and uploads overlap: the batch's images are
+        # stored in about the time of one, and the GPU container takes its next batch sooner
+        with ThreadPoolExecutor(threads, thread_name_prefix="magicmix-store") as pool:
+            return list(pool.map(store, pairs))
 
     def _store(self, job: JobRecord, data: bytes, elapsed: float) -> JobRecord | None:
         """User bucket first when the key has one; the service store otherwise or as fallback."""

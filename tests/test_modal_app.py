@@ -68,8 +68,10 @@ def test_gpu_class_loads_once_from_the_volume_and_scales_to_zero() -> None:
     assert autoscaling.max_containers == modal_app.MAX_GPUS
     assert not autoscaling.min_containers
     assert declared["retry_policy"].retries == 2  # a crashed container's batch runs again
-    [(path, volume)] = declared["validated_volumes_no_cloud_buckets"]
-    assert path == modal_app.CACHE_DIR and volume._mount_options.read_only  # only read here
+    volumes = dict(declared["validated_volumes_no_cloud_buckets"])
+    assert volumes[modal_app.CACHE_DIR]._mount_options.read_only  # weights: only read here
+    compile_volume = volumes[modal_app.COMPILE_DIR]  # the compile cache: written on a miss
+    assert not (compile_volume._mount_options and compile_volume._mount_options.read_only)
     assert synchronizer._translate_in(modal_app.gpu_image) is declared["image"]
 
 

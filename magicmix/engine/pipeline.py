@@ -78,6 +78,11 @@ class EngineOptions:
     # With `compile`, UNet batches are padded up to one of these sizes so a few graphs
     # serve every batch instead of one compile per size.
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
+    # With `compile` on CUDA: capture the UNet in CUDA graphs (mode="reduce-overhead"),
+    # so a step launches one graph instead of hundreds of kernels.
+    cuda_graphs: bool = False
+    # Host-to-GPU copies (noise, the layout batch) from pinned memory, asynchronously.
+    pinned_transfers: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class MagicMixEngine:
         self.options = options or EngineOptions()
         self.components = components
         self.model_name = "custom"
+        self.source = "custom"  # where the weights came from (a folder or a hub id)
         self.device = device
         self.dtype = dtype
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -187,7 +193,7 @@ class MagicMixEngine:
             text_cache_size=text_cache_size,
             options=options,
         )
-        engine.model_name = model
+        engine.model_name, engine.source = model, source
         return engine
 
     def _apply_options(self) -> None:
@@ -209,7 +215,8 @@ class MagicMixEngine:
             torch.backends.cudnn.allow_tf32 = self.options.tf32
             torch.backends.cudnn.benchmark = self.options.cudnn_benchmark
         if self.options.compile:
-            unet.forward = torch.compile(unet.forward, fullgraph=True, dynamic=False)
+            mode = "reduce-overhead" if self.options.cuda_graphs else None
+            unet.forward = torch.compile(unet.forward, fullgraph=True, dynamic=False, mode=mode)
             vae.decoder.forward = torch.compile(vae.decoder.forward, dynamic=False)
             vae.encoder.forward = torch.compile(vae.encoder.forward, dynamic=False)
 
@@ -371,7 +378,7 @@ class MagicMixEngine:
         """Standard normal noise from each sample's CPU generator, moved to the device."""
         shape = like.shape[1:]
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        return noise.to(device=self.device, dtype=self.dtype)
+        return self._to_device(noise).to(self.dtype)
 
     def _encode_images(self, requests: list[MixRequest]) -> torch.Tensor:
         vae = self.components.vae
@@ -385,7 +392,7 @@ class MagicMixEngine:
             ]
         )
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1.0)
-        batch = batch.to(device=self.device, dtype=self._vae_dtype)
+        batch = self._to_device(batch).to(self._vae_dtype)
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         latents = torch.cat([vae.encode(part).latent_dist.mean for part in self._pieces(batch)])
@@ -460,6 +467,12 @@ class MagicMixEngine:
         pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         array = pixels.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in array]
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the engine's device (from pinned memory when asked, on CUDA)."""
+        if self.options.pinned_transfers and self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
 
     def _pieces(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The batch as one piece, or one piece per sample when batch invariance is asked."""
