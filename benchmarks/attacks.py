@@ -3,7 +3,8 @@
 1. The parse attack: a 12 MB body of `[],[],...` with a bogus key, sent 3 times while a
    prober asks `/healthz` every 20 ms: the probe latencies (max, p50) and the replies.
 2. The decode attack: six concurrent submissions of a 170 KB 6320x6320 RGBA PNG while
-   the prober runs: the server's peak RSS (VmHWM) and probe latencies.
+   the prober runs: the server's peak RSS (VmHWM) and probe latencies; then the same
+   with six 4000x3000 RGB PNGs, which every limit accepts.
 
 The server is `magicmix serve` in a subprocess on loopback, run from `--repo` (default:
 this checkout), so the same script measures an older commit checked out elsewhere.
@@ -70,10 +71,15 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def bomb() -> str:
+def flat_png(mode: str, size: tuple[int, int]) -> str:
     buffer = io.BytesIO()
-    Image.new("RGBA", (6320, 6320), (10, 200, 30, 255)).save(buffer, format="PNG")
+    Image.new(mode, size, (10, 200, 30, 255)[: len(mode)]).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def bomb() -> str:
+    """6320x6320 RGBA: 170 KB sent, 160 MB decoded (within the old 40 MP limit)."""
+    return flat_png("RGBA", (6320, 6320))
 
 
 @contextmanager
@@ -114,7 +120,7 @@ def running_server(repo: Path) -> Iterator[tuple[str, int]]:
 
 
 def parse_attack(base: str, pid: int) -> dict[str, Any]:
-    attack = b'{"key": "bogus", "prompt": "x", "image": ' + b"[]," * 4_000_000 + b"[]}"
+    attack = b'{"key": "bogus", "prompt": "x", "image": [' + b"[]," * 4_000_000 + b"[]]}"
     idle = peak_rss_mb(pid)
     prober = Prober(base)
     prober.start()
@@ -135,8 +141,8 @@ def parse_attack(base: str, pid: int) -> dict[str, Any]:
     }
 
 
-def decode_attack(base: str, pid: int) -> dict[str, Any]:
-    body = {"key": KEY, "prompt": "x", "image": bomb(), "width": 256, "height": 256}
+def decode_attack(base: str, pid: int, image: str | None = None) -> dict[str, Any]:
+    body = {"key": KEY, "prompt": "x", "image": image or bomb(), "width": 256, "height": 256}
     idle = peak_rss_mb(pid)
     prober = Prober(base)
     prober.start()
@@ -162,6 +168,8 @@ def main() -> None:
         result["parse_attack"] = parse_attack(base, pid)
     with running_server(args.repo) as (base, pid):
         result["decode_attack"] = decode_attack(base, pid)
+    with running_server(args.repo) as (base, pid):  # within every budget: accepted
+        result["large_images"] = decode_attack(base, pid, flat_png("RGB", (4000, 3000)))
     print(json.dumps(result, indent=2))
 
 

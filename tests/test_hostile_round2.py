@@ -125,7 +125,7 @@ def parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_2_a_huge_body_with_a_bogus_key_is_refused_unparsed(
     strict: RunningService, parses: list[int]
 ) -> None:
-    attack = b'{"key": "not-a-key", "prompt": "x", "image": ' + b"[]," * 4_000_000 + b"[]}"
+    attack = b'{"key": "not-a-key", "prompt": "x", "image": [' + b"[]," * 4_000_000 + b"[]]}"
     reply = strict.http.post(
         strict.base_url + MIX, content=attack, headers={"content-type": "application/json"}
     )

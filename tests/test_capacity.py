@@ -1,0 +1,94 @@
+"""One capacity model: the queue limit follows from GPUs, speed and minutes, everywhere.
+
+The same settings shape the local worker, the Modal containers (through the deploy-time
+environment `modal_app.py` bakes into the images) and `magicmix plan`'s defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from magicmix.backends.local.compose import build_local_service
+from magicmix.backends.modal import compose
+from magicmix.capacity import queue_limit, seconds_per_image
+from magicmix.config import Settings
+from magicmix.outputs.store import LocalStore
+from tests.modal_standins import standin_dicts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_queue_holds_minutes_of_work_at_full_scale() -> None:
+    settings = Settings(gpu="H200", max_gpus=8, queue_minutes=5)
+    assert settings.max_queue == queue_limit(
+        max_gpus=8, seconds_per_image=seconds_per_image("H200"), queue_minutes=5
+    )
+    assert settings.max_queue == pytest.approx(8 * 300 / 0.23, rel=0.001)
+    assert settings.max_queued_per_key == settings.max_queue  # one tenant by default
+    assert Settings(max_queue=64, max_queued_per_key=32).max_queued_per_key == 32
+    assert Settings(gpu="H200", max_gpus=16).max_queue > settings.max_queue
+    assert seconds_per_image("L40S", "sdxl") == 4 * seconds_per_image("L40S")
+
+
+def test_the_settings_shape_the_local_worker(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = Settings(
+        model=str(tiny_model_dir),
+        data_dir=tmp_path,
+        secret_key="s" * 32,
+        max_gpus=2,
+        seconds_per_image=1.0,
+        queue_minutes=1,
+        batch_size=3,
+        batch_wait_ms=40,
+    )
+    service = build_local_service(settings)
+    assert service.lifecycle.limits.max_queue == 120 == settings.max_queue
+    worker = service.dispatcher
+    assert worker._batch_size == 3 and worker._batch_wait_s == 0.04  # type: ignore[attr-defined]
+
+
+def test_the_settings_shape_the_modal_containers(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        secret_key="s" * 32,
+        store_url="s3://bucket/outputs/",
+        gpu="H100",
+        max_gpus=6,
+    )
+    parts = compose.modal_parts(
+        settings, standin_dicts(), lambda ids: None, layouts=LocalStore(tmp_path / "l")
+    )
+    assert parts.lifecycle.limits.max_queue == settings.max_queue
+    assert parts.lifecycle.limits.max_per_key == settings.max_queued_per_key
+
+
+def test_the_deploy_time_knobs_reach_the_containers_settings(tmp_path: Path) -> None:
+    """What `modal deploy` bakes into the images is what a container's Settings derive from."""
+    code = (
+        "import json, os, modal_app\n"
+        "env = dict(modal_app.DEPLOY_ENV, MAGICMIX_DATA_DIR=os.environ['DATA'])\n"
+        "os.environ.update(env)\n"
+        "from magicmix.config import Settings\n"
+        "s = Settings()\n"
+        "print(json.dumps([s.gpu, s.max_gpus, s.batch_size, s.batch_wait_ms, s.max_queue]))\n"
+    )
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "DATA": str(tmp_path),
+        "MAGICMIX_GPU": "H200",
+        "MAGICMIX_MAX_GPUS": "8",
+        "MAGICMIX_BATCH_WAIT_MS": "50",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    gpu, gpus, batch, wait, max_queue = __import__("json").loads(done.stdout.splitlines()[-1])
+    assert (gpu, gpus, batch, wait) == ("H200", 8, 8, 50)
+    assert max_queue == Settings(gpu="H200", max_gpus=8).max_queue
