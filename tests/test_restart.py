@@ -45,24 +45,31 @@ def server_process(env: dict[str, str], port: int) -> Iterator[subprocess.Popen[
         process.wait(10)
 
 
+def server_env(tmp_path: Path, model_dir: Path, base: str, **extra: str) -> dict[str, str]:
+    """A server's environment: its own data dir, the tiny model, async replies."""
+    return {
+        **os.environ,
+        "MAGICMIX_DATA_DIR": str(tmp_path / "data"),
+        "MAGICMIX_MODEL": str(model_dir),
+        "MAGICMIX_DEVICE": "cpu",
+        "MAGICMIX_SYNC_WAIT_S": "0",
+        "MAGICMIX_PUBLIC_URL": base,
+        "MAGICMIX_API_KEYS": KEY,
+        "MAGICMIX_SECRET_KEY": "restart-secret",
+        "MAGICMIX_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
 def test_jobs_queued_before_a_kill_complete_after_restart(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "MAGICMIX_DATA_DIR": str(tmp_path / "data"),
-        "MAGICMIX_MODEL": str(tiny_model_dir),
-        "MAGICMIX_DEVICE": "cpu",
-        "MAGICMIX_SYNC_WAIT_S": "0",
-        "MAGICMIX_PUBLIC_URL": base,
-        "MAGICMIX_ALLOW_PRIVATE_URLS": "true",
-        "MAGICMIX_API_KEYS": KEY,
-        "MAGICMIX_SECRET_KEY": "restart-secret",
-        "MAGICMIX_BATCH_SIZE": "1",
-        "MAGICMIX_LOG_LEVEL": "WARNING",
-    }
+    # Private URLs: the layout image is served by a loopback host of this test.
+    env = server_env(
+        tmp_path, tiny_model_dir, base, MAGICMIX_ALLOW_PRIVATE_URLS="true", MAGICMIX_BATCH_SIZE="1"
+    )
     with LoopbackServer() as host:
         host.route(
             "/layout.png", respond(200, png(make_layout_image()), {"Content-Type": "image/png"})
@@ -111,17 +118,7 @@ def test_a_resend_after_a_kill_gets_the_first_jobs_reply(
     """Idempotency-Key across a crash: the key was bound to its job in the job's insert."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "MAGICMIX_DATA_DIR": str(tmp_path / "data"),
-        "MAGICMIX_MODEL": str(tiny_model_dir),
-        "MAGICMIX_DEVICE": "cpu",
-        "MAGICMIX_SYNC_WAIT_S": "0",
-        "MAGICMIX_PUBLIC_URL": base,
-        "MAGICMIX_API_KEYS": KEY,
-        "MAGICMIX_SECRET_KEY": "restart-secret",
-        "MAGICMIX_LOG_LEVEL": "WARNING",
-    }
+    env = server_env(tmp_path, tiny_model_dir, base)
     layout = base64.b64encode(png(make_layout_image())).decode()
     body = {"key": KEY, "prompt": "Bed", "image": layout, "width": 256, "height": 256, "seed": 3}
     headers = {"Idempotency-Key": "pay-once-17"}

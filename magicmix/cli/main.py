@@ -12,7 +12,7 @@ from magicmix.cli.options import (
     PromptOption,
     fail,
     mix_params,
-    model_family,
+    mix_request,
     option,
 )
 from magicmix.cli.sweep import sweep_command
@@ -48,8 +48,7 @@ def mix(
 ) -> None:
     """Mix one image with a prompt and write the result as a PNG (progress on stderr)."""
     from magicmix.inputs.images import png_bytes
-    from magicmix.inputs.sources import read_image_source
-    from magicmix.request import ENGINE_FIELDS, MixRequest, validate_request
+    from magicmix.request import validate_request
 
     settings = get_settings()
     try:
@@ -65,11 +64,7 @@ def mix(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        width, height = params.size_for(model_family(settings))
-        request = MixRequest(
-            image=read_image_source(image, settings, reduce_to=(width, height)),
-            **{**params.model_dump(include=set(ENGINE_FIELDS)), "width": width, "height": height},
-        )
+        request = mix_request(image, params, settings)
         validate_request(request)  # before the model loads: bad values fail in a blink
         from magicmix.engine.configure import load_engine
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from magicmix.config import Settings
 from magicmix.errors import InvalidInput
 from magicmix.families import resolve_family
-from magicmix.request import MixParams, describe
+from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, describe
 
 
 def fail(message: str) -> typer.Exit:
@@ -27,6 +27,18 @@ def option(name: str, **extra: Any) -> Any:
 def model_family(settings: Settings) -> str:
     """The configured model's family, read from its folder or the hub cache (no torch)."""
     return resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
+
+
+def mix_request(image: str, params: MixParams, settings: Settings) -> MixRequest:
+    """The engine's request from CLI values: sized by the model's family, image decoded as
+    the service decodes uploads."""
+    from magicmix.inputs.sources import read_image_source
+
+    width, height = params.size_for(model_family(settings))
+    return MixRequest(
+        image=read_image_source(image, settings, reduce_to=(width, height)),
+        **{**params.model_dump(include=set(ENGINE_FIELDS)), "width": width, "height": height},
+    )
 
 
 def mix_params(**values: Any) -> MixParams:

@@ -25,12 +25,12 @@ from magicmix.cli.options import (
     PromptOption,
     fail,
     mix_params,
-    model_family,
+    mix_request,
     option,
 )
 from magicmix.config import get_settings
 from magicmix.errors import InvalidInput, MagicMixError
-from magicmix.request import ENGINE_FIELDS, MixRequest, default, validate_request
+from magicmix.request import MixRequest, default, validate_request
 
 if TYPE_CHECKING:
     from magicmix.engine import MagicMixEngine  # torch: imported only when a sweep runs
@@ -231,7 +231,6 @@ def sweep_command(
     Combinations with kmin > kmax are skipped (and listed in the JSON).
     """
     from magicmix.engine.configure import load_engine
-    from magicmix.inputs.sources import read_image_source
 
     settings = get_settings()
     try:
@@ -249,11 +248,7 @@ def sweep_command(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        width, height = params.size_for(model_family(settings))
-        base = MixRequest(
-            image=read_image_source(image, settings, reduce_to=(width, height)),
-            **{**params.model_dump(include=set(ENGINE_FIELDS)), "width": width, "height": height},
-        )
+        base = mix_request(image, params, settings)
         for request in plan.requests(base):  # refuse a bad cell before loading the model
             validate_request(request)
         engine = load_engine(settings)

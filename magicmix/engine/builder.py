@@ -124,6 +124,36 @@ def _tiny_vae(**family: object) -> AutoencoderKL:
     )
 
 
+def _full_vae(**family: object) -> AutoencoderKL:
+    """SD's VAE at full size (84M), the same for SD 1.5 and SDXL but for its scaling."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        **family,
+    )
+
+
+def _clip_l() -> CLIPTextModel:
+    """CLIP ViT-L/14's text tower (123M): SD 1.5's encoder and SDXL's first."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=CLIP_MAX_TOKENS,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+
+
 def _sd15_modules() -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
     """SD 1.5's exact configs (UNet 860M, VAE 84M, CLIP ViT-L/14 text tower 123M)."""
     unet = UNet2DConditionModel(
@@ -137,29 +167,7 @@ def _sd15_modules() -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=CLIP_MAX_TOKENS,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        )
-    )
-    return unet, vae, text_encoder
+    return unet, _full_vae(sample_size=512), _clip_l()
 
 
 def _tiny_sdxl_modules(
@@ -212,30 +220,8 @@ def _sdxl_modules() -> tuple[
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=1024,
-        scaling_factor=SDXL_SCALING_FACTOR,
-        force_upcast=True,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=CLIP_MAX_TOKENS,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-        )
-    )
+    vae = _full_vae(sample_size=1024, scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+    text_encoder = _clip_l()
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(
             vocab_size=49408,
