@@ -69,11 +69,11 @@ from magicmix.engine import EngineOptions, MagicMixEngine  # noqa: E402
 from magicmix.engine.builder import (  # noqa: E402
     BUILD_SEED,
     _sd15_modules,
-    _sd_scheduler,
     _sdxl_modules,
     _tiny_modules,
     _tiny_sdxl_modules,
     build_clip_tokenizer,
+    sd_scheduler,
 )
 from magicmix.engine.loading import Components  # noqa: E402
 from magicmix.request import MixRequest  # noqa: E402
@@ -306,7 +306,7 @@ def build_components(
         text_encoder=text_encoder,  # type: ignore[arg-type]
         tokenizer=tokenizer,
         unet=unet,  # type: ignore[arg-type]
-        scheduler=_sd_scheduler(),
+        scheduler=sd_scheduler(),
         text_encoder_2=second[0] if second else None,  # type: ignore[arg-type]
         tokenizer_2=build_clip_tokenizer() if second else None,
         force_zeros_for_empty_prompt=bool(second),

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from magicmix.engine import EngineOptions, MagicMixEngine
-from magicmix.engine.builder import _sd15_modules, _sd_scheduler, build_clip_tokenizer
+from magicmix.engine.builder import _sd15_modules, build_clip_tokenizer, sd_scheduler
 from magicmix.engine.loading import Components
 from magicmix.request import MixRequest
 
@@ -15,7 +15,7 @@ unet, vae, te = _sd15_modules()
 for m in (unet, vae, te):
     m.to(dev, torch.float16).eval()
 eng = MagicMixEngine(
-    Components(vae, te, build_clip_tokenizer(), unet, _sd_scheduler()),
+    Components(vae, te, build_clip_tokenizer(), unet, sd_scheduler()),
     device=dev,
     dtype=torch.float16,
     options=EngineOptions(channels_last=True),

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAGICMIX_", extra="ignore")
 
     # --- contract section 3 ---
-    model: str = "tiny"
+    model: str = "toy"  # the shipped toy model; "tiny": random weights, for plumbing
     data_dir: Path = Path(".magicmix")
     api_keys: SecretStr = SecretStr("")
     public_url: str = "http://127.0.0.1:8000"

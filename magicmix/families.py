@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 Family = Literal["sd1", "sdxl"]
 DEFAULT_SIZE: dict[str, int] = {"sd1": 768, "sdxl": 1024}
-BUILTIN = {"tiny": "sd1", "toy": "sd1"}  # the models magicmix builds itself
+TOY, TINY = "toy", "tiny"  # the models magicmix ships (trained) and builds (random weights)
+BUILTIN = {TINY: "sd1", TOY: "sd1"}
 
 
 def resolve_family(model: str, configured: str = "auto", *, revision: str | None = None) -> Family:

@@ -82,8 +82,8 @@ def test_mix_defaults_to_768_and_reports_its_random_seed(
         "4",
         "--out",
         str(out),
-        env=cli_env,
-    )  # MAGICMIX_MODEL unset: tiny, built once
+        env={**cli_env, "MAGICMIX_MODEL": "tiny"},
+    )  # the named tiny model: built into the data dir on first use
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (768, 768)
     assert "seed " in run.stderr

@@ -1,5 +1,6 @@
 """The playground page in a real browser: Debian's Chromium, driven by selenium, against the
-app served by real uvicorn on loopback with the tiny model.
+app served by real uvicorn on loopback with the tiny model (once with the toy model, for a
+real mix).
 
 Skips only where Chromium is missing on a developer machine; under CI (env `CI` set) a
 missing browser fails, so the page is never silently untested there.
@@ -12,9 +13,11 @@ import os
 import re
 import shlex
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -22,9 +25,10 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from magicmix.engine.toy import MODEL_DIR, world
 from magicmix.http.routes.files import STATIC_DIR
 from tests.conftest import make_layout_image
-from tests.service_fixtures import API, RunningService
+from tests.service_fixtures import API, RunningService, serve, service_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -208,3 +212,39 @@ def test_the_page_loads_nothing_from_other_hosts(running: RunningService) -> Non
         assert served.status_code == 200 and served.text == (STATIC_DIR / name).read_text()
     for path in (p for p in STATIC_DIR.iterdir() if p.suffix in (".html", ".js", ".css")):
         assert not re.search(r"""(src|href|url)\(?=?["']?(https?:)?//""", path.read_text()), path
+
+
+def test_on_the_toy_model_the_page_says_what_it_draws_and_mixes_a_red_circle(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    """The newcomer's first run on `make run`'s default model: the page says what the toy
+    model can draw and fills in a prompt it can; the sample layout (a green square) becomes
+    a red object in the same place. `MAGICMIX_SCREENSHOT=docs/playground.png` keeps the
+    screenshot (that is how the README's is made)."""
+    settings = service_settings(tmp_path, MODEL_DIR, model="toy", sync_wait_s=120)
+    with serve(settings) as running:
+        open_with_key(browser, running.base_url, running.key)
+        wait(browser, "the toy-model banner", "!document.getElementById('toy-banner').hidden")
+        assert "circle, square or triangle" in text(browser, "toy-banner")
+        assert browser.find_element(By.ID, "tiny-banner").is_displayed() is False
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == "a red circle"
+        assert browser.find_element(By.ID, "size").get_attribute("value") == "256x256"
+        browser.find_element(By.ID, "image-file").send_keys(str(STATIC_DIR / "sample-layout.png"))
+        wait(browser, "the preview", "!document.getElementById('input-preview').hidden")
+        browser.find_element(By.ID, "seed").send_keys("1")
+        browser.find_element(By.ID, "run").click()
+        wait(
+            browser,
+            "the result image",
+            "document.getElementById('result-output').complete"
+            " && document.getElementById('result-output').naturalWidth === 256",
+        )
+        src = str(browser.find_element(By.ID, "result-output").get_attribute("src"))
+        output = Image.open(BytesIO(running.download(src)))
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(str(tmp_path / "playground.png"))
+    layout = Image.open(STATIC_DIR / "sample-layout.png")
+    assert world.dominant_colour(output) == "red"
+    assert world.centroid_distance(layout, output) < 0.06
+    if target := os.environ.get("MAGICMIX_SCREENSHOT"):
+        Path(target).write_bytes((tmp_path / "playground.png").read_bytes())

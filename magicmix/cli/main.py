@@ -92,6 +92,37 @@ def build_tiny(
     typer.echo(f"wrote the tiny {arch} model to {directory}", err=True)
 
 
+@app.command("build-toy")
+def build_toy(
+    directory: Annotated[Path, typer.Argument(help="Output directory.")],
+    seed: Annotated[int, typer.Option(help="Training seed (the shipped model: 0).")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads (the shipped model: 1).")] = 1,
+) -> None:
+    """Train the toy model from scratch (minutes on a CPU) and compare it with the shipped one."""
+    import dataclasses
+    import json
+
+    from magicmix.engine.toy import MODEL_DIR, read_manifest
+    from magicmix.engine.toy.train import Recipe, train_toy_model
+
+    timings = train_toy_model(
+        directory, seed=seed, recipe=dataclasses.replace(Recipe(), threads=threads)
+    )
+    typer.echo(json.dumps({k: round(v, 1) for k, v in timings.items()}), err=True)
+    built, shipped = read_manifest(directory), read_manifest(MODEL_DIR)
+    differ = sorted(
+        name for name in built.keys() | shipped.keys() if built.get(name) != shipped.get(name)
+    )
+    if differ:
+        typer.echo(
+            f"wrote the toy model to {directory}; it differs from the shipped one in "
+            f"{', '.join(differ)} (weights are reproducible per seed, thread count and CPU)",
+            err=True,
+        )
+    else:
+        typer.echo(f"wrote the toy model to {directory}: identical to the shipped one", err=True)
+
+
 @app.command("build-random")
 def build_random(
     directory: Annotated[Path, typer.Argument(help="Output directory.")],
@@ -180,26 +211,35 @@ def serve(
     uvicorn.Server(uvicorn_config(app, host=host, port=port, settings=settings)).run()
 
 
-def print_quickstart(key: str, settings: Settings) -> None:
-    """The key and a curl of the seed's example body, for a first request.
-
-    With private URLs allowed (as `make run` does), the layout image is the sample this
-    server ships, so the curl works offline; otherwise it is the seed's own image URL.
-    """
-    import json
-
+def quickstart_body(key: str, settings: Settings) -> dict[str, object]:
+    """The seed's example body, made to work here: with private URLs allowed (as `make run`
+    does) the layout is the sample this server ships (a green square), so it works offline,
+    and on the toy model the prompt is one it can draw."""
+    from magicmix.families import TOY
     from magicmix.http.schemas import SEED_EXAMPLE
 
+    body: dict[str, object] = {**SEED_EXAMPLE, "key": key}
+    if settings.allow_private_urls:
+        body["image"] = f"{settings.public_url}/static/sample-layout.png"
+    if settings.model == TOY:
+        body.update(prompt="a red circle", negative_prompt="", width=256, height=256)
+    return body
+
+
+def print_quickstart(key: str, settings: Settings) -> None:
+    """The key, the playground's address and a curl of `quickstart_body`."""
+    import json
+
+    from magicmix.families import TOY
+
     public_url = settings.public_url
-    image = (
-        f"{public_url}/static/sample-layout.jpg"
-        if settings.allow_private_urls
-        else SEED_EXAMPLE["image"]
-    )
-    body = json.dumps({**SEED_EXAMPLE, "key": key, "image": image}, indent=1)
     typer.echo(f"\nAPI key (admin): {key}")
     typer.echo(f"Playground: {public_url}/  (paste the key there)\n")
-    typer.echo("Try it (the tiny model's images are noise; see README for real weights):")
+    if settings.model == TOY:
+        typer.echo("The toy model draws one red, green, blue or yellow circle, square or")
+        typer.echo("triangle on white; see the README for real Stable Diffusion weights.")
+    body = json.dumps(quickstart_body(key, settings), indent=1)
+    typer.echo("Try it:")
     typer.echo(
         f"curl -s -X POST {public_url}/api/v1/enterprise/image_editing/magic_mix \\\n"
         f"  -H 'Content-Type: application/json' -d '{body}'\n"

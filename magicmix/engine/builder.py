@@ -32,7 +32,7 @@ BUILD_SEED = 20221029  # fixed, so two builds are byte-identical
 CLIP_MAX_TOKENS = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable character map (as in OpenAI's CLIP tokenizer)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -55,7 +55,7 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     Every text tokenizes (byte by byte) exactly as CLIP's tokenizer would before merging;
     that is all a random-weight model needs, and it keeps the folder small.
     """
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [ch + "</w>" for ch in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
@@ -63,7 +63,7 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     return tokenizer
 
 
-def _sd_scheduler() -> DDIMScheduler:
+def sd_scheduler() -> DDIMScheduler:
     """DDIM with the SD 1.x noise schedule (as in SD 1.5's scheduler config)."""
     return DDIMScheduler(
         beta_start=0.00085,
@@ -91,7 +91,7 @@ def _tiny_modules(vocab_size: int) -> tuple[UNet2DConditionModel, AutoencoderKL,
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = _tiny_vae()
+    vae = small_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
@@ -108,12 +108,14 @@ def _tiny_modules(vocab_size: int) -> tuple[UNet2DConditionModel, AutoencoderKL,
     return unet, vae, text_encoder
 
 
-def _tiny_vae(**family: object) -> AutoencoderKL:
-    """Four blocks, so the VAE downsamples by 8 as SD does."""
+def small_vae(channels: tuple[int, ...] = (8, 16, 16, 16), **family: object) -> AutoencoderKL:
+    """Four blocks, so the VAE downsamples by 8 as SD does; one layer each."""
+    if len(channels) != 4:
+        raise ValueError(f"an SD VAE has 4 blocks (the 8x latent scale), got {channels}")
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
@@ -192,7 +194,7 @@ def _tiny_sdxl_modules(
         use_linear_projection=True,
     )
     _, _, text_encoder = _tiny_modules(vocab_size)
-    vae = _tiny_vae(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+    vae = small_vae(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
     config = text_encoder.config.to_dict()
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(**{**config, "projection_dim": 32, "hidden_act": "gelu"})
@@ -249,6 +251,26 @@ def _sdxl_scheduler() -> EulerDiscreteScheduler:
     )
 
 
+def sd1_pipeline(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+) -> StableDiffusionPipeline:
+    """An SD 1.x pipeline of these modules and SD's DDIM schedule, without a safety
+    checker: the folder layout `save_pretrained` writes and the engine loads."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def build_random_model(directory: Path, arch: Arch = "tiny") -> Path:
     """Write a random-weight model of `arch` to `directory`; returns the directory."""
     if arch not in ARCHES:
@@ -261,16 +283,7 @@ def build_random_model(directory: Path, arch: Arch = "tiny") -> Path:
             unet, vae, text_encoder = (
                 _tiny_modules(vocab_size=len(tokenizer)) if arch == "tiny" else _sd15_modules()
             )
-            pipeline = StableDiffusionPipeline(
-                vae=vae,
-                text_encoder=text_encoder,
-                tokenizer=tokenizer,
-                unet=unet,
-                scheduler=_sd_scheduler(),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            pipeline = sd1_pipeline(unet, vae, text_encoder, tokenizer)
         else:
             unet, vae, text_encoder, text_encoder_2 = (
                 _tiny_sdxl_modules(len(tokenizer)) if arch == "tiny-sdxl" else _sdxl_modules()

@@ -1,7 +1,8 @@
 """Find and load the Stable Diffusion components the engine runs on (SD 1.x or SDXL).
 
-`MAGICMIX_MODEL` names the model: `tiny` (built offline into the data dir on first use),
-a local diffusers directory, or a Hugging Face hub id (read from the local HF cache when
+`MAGICMIX_MODEL` names the model: `toy` (trained, shipped in the package, hash-checked),
+`tiny` (random weights, built offline into the data dir on first use), a local diffusers
+directory, or a Hugging Face hub id (read from the local HF cache when
 `HF_HUB_OFFLINE=1`, as on Modal where a Volume holds the cache).
 """
 
@@ -16,11 +17,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from magicmix.families import Family, family_of
+from magicmix.engine.toy import verified_model_dir
+from magicmix.families import TINY, TOY, Family, family_of
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
 # from_pretrained builds modules under a process-wide patch of torch.nn (meta-device init),
 # so two loads in two threads (a reload beside a start) corrupt each other: one at a time.
 _LOAD_LOCK = threading.Lock()
@@ -69,6 +70,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def resolve_model_source(model: str, data_dir: Path) -> str:
     """Turn `MAGICMIX_MODEL` into something `from_pretrained` takes, building `tiny` if needed."""
+    if model == TOY:
+        return str(verified_model_dir())
     if model == TINY:
         tiny_dir = data_dir / "tiny-model"
         if not (tiny_dir / "model_index.json").exists():

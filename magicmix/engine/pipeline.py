@@ -131,6 +131,17 @@ def mix_latents(denoised: torch.Tensor, layout: torch.Tensor, mix_factor: torch.
     return mix_factor * denoised + (1.0 - mix_factor) * layout
 
 
+def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """SD's text input: every text padded (or cut) to the tokenizer's 77 tokens."""
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def guidance_pad(values: torch.Tensor, size: int) -> torch.Tensor:
     """Per-sample scalars padded (with the last one) to `size` rows."""
     missing = size - values.shape[0]
@@ -450,13 +461,7 @@ class MagicMixEngine:
         return hidden.to(self.dtype), pooled.to(self.dtype)
 
     def _token_ids(self, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-        return tokenizer(
-            texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        return token_ids(tokenizer, texts).to(self.device)
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.components.vae

@@ -15,6 +15,7 @@ const state = {
   history: [],
   current: null, // the history or sweep entry shown in the result panel
   busy: false,
+  toyDefaults: false, // the toy model's prompt and size were filled in once
 };
 
 class ApiError extends Error {}
@@ -92,6 +93,17 @@ async function checkKey() {
   status.textContent = "Key saved in this browser; the server accepted it.";
   $("system").textContent = `model ${data.model} · ${data.device} · ${data.dtype} · v${data.version}`;
   $("tiny-banner").hidden = !/tiny/i.test(data.model);
+  const toy = data.model === "toy";
+  $("toy-banner").hidden = !toy;
+  if (toy && !state.toyDefaults) {
+    // What the toy model can draw, unless the user already typed something of their own.
+    state.toyDefaults = true;
+    if ($("prompt").value === $("prompt").defaultValue) $("prompt").value = "a red circle";
+    if ($("negative-prompt").value === $("negative-prompt").defaultValue) {
+      $("negative-prompt").value = "";
+    }
+    $("size").value = "256x256";
+  }
 }
 
 function setupKey() {
