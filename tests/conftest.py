@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner, Result
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,3 +43,18 @@ def make_layout_image(width: int = 320, height: int = 240, seed: int = 0) -> Ima
 @pytest.fixture
 def layout_image() -> Image.Image:
     return make_layout_image()
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str) -> Result:
+    """`magicmix ARGS` in this process with `env` set: the same command as a subprocess
+    without paying torch's import again (settings are re-read before and after)."""
+    from magicmix.cli import app
+    from magicmix.config import get_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        get_settings.cache_clear()

@@ -1,4 +1,5 @@
-"""The `magicmix` command line, run as a real process (as a user would)."""
+"""The `magicmix` command line, run as a real process (as a user would) or, where a fresh
+process adds nothing but torch's import time, in this one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import make_layout_image
+from tests.conftest import make_layout_image, run_cli
 
 
 def magicmix(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -30,63 +31,40 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "MAGICMIX_DATA_DIR": str(tmp_path / "data"), "MAGICMIX_DEVICE": "cpu"}
 
 
-def test_build_tiny_then_mix_twice_gives_identical_pngs(
-    tmp_path: Path, cli_env: dict[str, str]
+def test_build_tiny_then_mix_in_two_processes_gives_identical_pngs(
+    tmp_path: Path, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The same seed gives the same bytes in a fresh process as in this one."""
     model = tmp_path / "tiny"
-    built = magicmix("build-tiny", str(model), env=cli_env)
-    assert built.returncode == 0, built.stderr
+    built = run_cli(monkeypatch, cli_env, "build-tiny", str(model))
+    assert built.exit_code == 0, built.output
     assert (model / "model_index.json").exists()
     layout = tmp_path / "layout.jpg"
     make_layout_image().save(layout)
     env = {**cli_env, "MAGICMIX_MODEL": str(model)}
-    outputs = []
-    for name in ("a.png", "b.png"):
-        out = tmp_path / name
-        run = magicmix(
-            "mix",
-            "--image",
-            str(layout),
-            "--prompt",
-            "Bed",
-            "--seed",
-            "1",
-            "--width",
-            "256",
-            "--height",
-            "259",
-            "--out",
-            str(out),
-            env=env,
-        )
-        assert run.returncode == 0, run.stderr
-        assert "seed 1" in run.stderr
-        outputs.append(out.read_bytes())
-    assert outputs[0] == outputs[1]
+    args = ["--image", str(layout), "--prompt", "Bed", "--seed", "1", "--width", "256"]
+    args += ["--height", "259"]
+    run = magicmix("mix", *args, "--out", str(tmp_path / "a.png"), env=env)
+    assert run.returncode == 0, run.stderr
+    assert "seed 1" in run.stderr
+    here = run_cli(monkeypatch, env, "mix", *args, "--out", str(tmp_path / "b.png"))
+    assert here.exit_code == 0, here.output
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert Image.open(tmp_path / "a.png").size == (256, 256)  # 259 rounded down to 256
 
 
 def test_mix_defaults_to_768_and_reports_its_random_seed(
-    tmp_path: Path, cli_env: dict[str, str]
+    tmp_path: Path, cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     layout = tmp_path / "layout.png"
     make_layout_image().save(layout)
     out = tmp_path / "out.png"
-    run = magicmix(
-        "mix",
-        "--image",
-        str(layout),
-        "--prompt",
-        "Bed",
-        "--steps",
-        "4",
-        "--out",
-        str(out),
-        env={**cli_env, "MAGICMIX_MODEL": "tiny"},
-    )  # the named tiny model: built into the data dir on first use
-    assert run.returncode == 0, run.stderr
+    args = ["--image", str(layout), "--prompt", "Bed", "--steps", "4", "--out", str(out)]
+    # the named tiny model: built into the data dir on first use
+    run = run_cli(monkeypatch, {**cli_env, "MAGICMIX_MODEL": "tiny"}, "mix", *args)
+    assert run.exit_code == 0, run.output
     assert Image.open(out).size == (768, 768)
-    assert "seed " in run.stderr
+    assert "seed " in run.output
     assert (tmp_path / "data" / "tiny-model" / "model_index.json").exists()
 
 

@@ -25,6 +25,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from magicmix.cli.main import quickstart_body
 from magicmix.engine.toy import MODEL_DIR, world
 from magicmix.http.routes.files import STATIC_DIR
 from tests.conftest import make_layout_image
@@ -214,15 +215,29 @@ def test_the_page_loads_nothing_from_other_hosts(running: RunningService) -> Non
         assert not re.search(r"""(src|href|url)\(?=?["']?(https?:)?//""", path.read_text()), path
 
 
-def test_on_the_toy_model_the_page_says_what_it_draws_and_mixes_a_red_circle(
+def test_make_run_serves_the_toy_model_its_curl_and_page_mix_a_red_circle(
     browser: WebDriver, tmp_path: Path
 ) -> None:
-    """The newcomer's first run on `make run`'s default model: the page says what the toy
-    model can draw and fills in a prompt it can; the sample layout (a green square) becomes
-    a red object in the same place. `MAGICMIX_SCREENSHOT=docs/playground.png` keeps the
+    """The newcomer's first run on `make run`'s default model (loopback URLs allowed): the
+    printed curl's body and the page both turn the shipped sample layout (a green square)
+    into a red object in the same place; the page says what the toy model can draw and
+    fills in a prompt it can. `MAGICMIX_SCREENSHOT=docs/playground.png` keeps the
     screenshot (that is how the README's is made)."""
     settings = service_settings(tmp_path, MODEL_DIR, model="toy", sync_wait_s=120)
+    layout = Image.open(STATIC_DIR / "sample-layout.png")
+    assert world.colour_shares(layout)["green"] > 0.9
     with serve(settings) as running:
+        details = running.post(f"{API}/image_editing/system_details", {"key": running.key})
+        assert details.json()["model"] == "toy"
+        body = quickstart_body(running.key, settings)
+        assert body["image"] == f"{running.base_url}/static/sample-layout.png"
+        reply = running.post(f"{API}/image_editing/magic_mix", body).json()
+        assert reply["status"] == "success", reply
+        curl_output = Image.open(BytesIO(running.download(reply["output"][0])))
+        assert curl_output.size == (256, 256)
+        assert world.dominant_colour(curl_output) == "red"
+        assert world.centroid_distance(layout, curl_output) < 0.06
+
         open_with_key(browser, running.base_url, running.key)
         wait(browser, "the toy-model banner", "!document.getElementById('toy-banner').hidden")
         assert "circle, square or triangle" in text(browser, "toy-banner")
@@ -243,7 +258,6 @@ def test_on_the_toy_model_the_page_says_what_it_draws_and_mixes_a_red_circle(
         output = Image.open(BytesIO(running.download(src)))
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(str(tmp_path / "playground.png"))
-    layout = Image.open(STATIC_DIR / "sample-layout.png")
     assert world.dominant_colour(output) == "red"
     assert world.centroid_distance(layout, output) < 0.06
     if target := os.environ.get("MAGICMIX_SCREENSHOT"):

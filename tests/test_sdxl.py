@@ -8,9 +8,6 @@ stand-in), and ModelsLab's full reply (`proxy_links`, whole-second `eta`).
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from magicmix.engine.loading import resolve_device, resolve_dtype
 from magicmix.families import detect_family, resolve_family
 from magicmix.http.schemas import SEED_EXAMPLE
 from magicmix.request import MixRequest
-from tests.conftest import make_layout_image
+from tests.conftest import make_layout_image, run_cli
 from tests.http_fixtures import LoopbackServer, respond
 from tests.service_fixtures import API, RunningService, png, serve, service_settings
 
@@ -212,20 +209,15 @@ def test_processing_replies_carry_proxy_links_and_a_whole_eta(sdxl_service: Runn
     sdxl_service.wait_success(reply["id"])
 
 
-def test_the_cli_mixes_with_an_sdxl_model(sdxl_dir: Path, tmp_path: Path) -> None:
+def test_the_cli_mixes_with_an_sdxl_model(
+    sdxl_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     layout = tmp_path / "layout.png"
     make_layout_image().save(layout)
     out = tmp_path / "out.png"
-    env = {**os.environ, "MAGICMIX_MODEL": str(sdxl_dir), "MAGICMIX_DEVICE": "cpu"}
+    env = {"MAGICMIX_MODEL": str(sdxl_dir), "MAGICMIX_DEVICE": "cpu"}
     env["MAGICMIX_DATA_DIR"] = str(tmp_path / "data")
     args = ["--image", str(layout), "--prompt", "a red circle", "--out", str(out), "--seed", "2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "magicmix", "mix", *args, "--width", "256", "--height", "256"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_cli(monkeypatch, env, "mix", *args, "--width", "256", "--height", "256")
+    assert done.exit_code == 0, done.output
     assert Image.open(out).size == (256, 256)

@@ -76,21 +76,27 @@ def sd_scheduler() -> DDIMScheduler:
     )
 
 
-def _tiny_modules(vocab_size: int) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
-    unet = UNet2DConditionModel(
+def _tiny_unet(cross_attention_dim: int, **wiring: object) -> UNet2DConditionModel:
+    """SD's UNet at toy sizes. Attention only in the deepest (1/4 resolution) block: at 768
+    px a block at 1/2 resolution would attend over 2304 tokens and make every CPU test 20x
+    slower."""
+    return UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
         out_channels=4,
-        # Attention only in the deepest (1/4 resolution) block: at 768 px a block at 1/2
-        # resolution would attend over 2304 tokens and make every CPU test 20x slower.
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=32,
+        **wiring,
     )
+
+
+def _tiny_modules(vocab_size: int) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    unet = _tiny_unet(cross_attention_dim=32)
     vae = small_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -177,17 +183,8 @@ def _tiny_sdxl_modules(
 ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection]:
     """SDXL's wiring at toy sizes: cross-attention over both encoders' hidden states, and
     the 'text_time' embedding of the pooled text plus six size/crop ids."""
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         cross_attention_dim=64,  # 32 + 32: the two encoders side by side
-        attention_head_dim=8,
-        norm_num_groups=32,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled + 6 time ids

@@ -148,6 +148,7 @@ class Recipe:
     vae_latent_noise: float = 0.02
     vae_object_crops: float = 0.5  # share of crops centred on the object (else uniform)
     vae_bf16: bool = True  # bf16 autocast for the VAE's training passes (AMX/AVX512-BF16)
+    scale_images: int = 64  # 256 px renders whose latent spread sets the scaling factor
     # Diffusion: UNet + text encoder on frozen-VAE latents of whole images.
     unet_channels: tuple[int, ...] = (32, 64, 64)
     unet_attention: tuple[bool, ...] = (False, False, True)  # cross-attention per level
@@ -513,7 +514,8 @@ def train_toy_model(
 
     start = time.perf_counter()
     vae = train_vae(recipe, seed, progress=progress)
-    vae.register_to_config(scaling_factor=latent_scale(vae, seed + 99))
+    scale = latent_scale(vae, seed + 99, count=recipe.scale_images)
+    vae.register_to_config(scaling_factor=scale)
     timings["vae_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
