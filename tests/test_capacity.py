@@ -6,9 +6,6 @@ environment `modal_app.py` bakes into the images) and `magicmix plan`'s defaults
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from magicmix.backends.modal import compose
 from magicmix.capacity import queue_limit, seconds_per_image
 from magicmix.config import Settings
 from magicmix.outputs.store import LocalStore
+from tests.deploy_probe import deployed
 from tests.modal_standins import standin_dicts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,28 +65,8 @@ def test_the_settings_shape_the_modal_containers(tmp_path: Path) -> None:
     assert parts.lifecycle.limits.max_per_key == settings.max_queued_per_key
 
 
-def test_the_deploy_time_knobs_reach_the_containers_settings(tmp_path: Path) -> None:
+def test_the_deploy_time_knobs_reach_the_containers_settings() -> None:
     """What `modal deploy` bakes into the images is what a container's Settings derive from."""
-    code = (
-        "import json, os, modal_app\n"
-        "env = dict(modal_app.DEPLOY_ENV, MAGICMIX_DATA_DIR=os.environ['DATA'])\n"
-        "os.environ.update(env)\n"
-        "from magicmix.config import Settings\n"
-        "s = Settings()\n"
-        "print(json.dumps([s.gpu, s.max_gpus, s.batch_size, s.batch_wait_ms, s.max_queue]))\n"
-    )
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "DATA": str(tmp_path),
-        "MAGICMIX_GPU": "H200",
-        "MAGICMIX_MAX_GPUS": "8",
-        "MAGICMIX_BATCH_WAIT_MS": "50",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    gpu, gpus, batch, wait, max_queue = __import__("json").loads(done.stdout.splitlines()[-1])
+    gpu, gpus, batch, wait, max_queue = deployed("capacity")["settings"]
     assert (gpu, gpus, batch, wait) == ("H200", 8, 8, 50)
     assert max_queue == Settings(gpu="H200", max_gpus=8).max_queue

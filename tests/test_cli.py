@@ -114,18 +114,20 @@ def test_keys_create_prints_a_key_that_the_service_accepts(cli_env: dict[str, st
     assert open_key_store(settings).authenticate(key).key_id in run.stderr
 
 
-def test_every_command_has_help(cli_env: dict[str, str]) -> None:
+def test_every_command_has_help(cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run = magicmix("--help", env=cli_env)  # the installed entry point, as a user runs it
+    assert run.returncode == 0 and "Usage" in run.stdout
     for command in (
-        [],
         ["mix"],
         ["serve"],
         ["keys", "create"],
         ["cleanup"],
         ["build-tiny"],
+        ["build-toy"],
         ["build-random"],
     ):
-        run = magicmix(*command, "--help", env=cli_env)
-        assert run.returncode == 0 and "Usage" in run.stdout, command
+        here = run_cli(monkeypatch, cli_env, *command, "--help")
+        assert here.exit_code == 0 and "Usage" in here.output, command
 
 
 def test_cleanup_removes_only_expired_outputs(tmp_path: Path, cli_env: dict[str, str]) -> None:

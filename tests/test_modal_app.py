@@ -7,7 +7,6 @@ read from the loader's closure (`_declared`): private to modal 1.6, re-check on 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import modal
 from modal._utils.async_utils import synchronizer
 
 import modal_app
+from tests.deploy_probe import deployed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,28 +107,8 @@ def test_download_sweep_webhooks_and_keys_are_declared() -> None:
     assert "modal.Secret.from_name('magicmix')" in modal_app.manage_keys.info().secrets
 
 
-def test_deploy_time_knobs_are_read_at_import_and_baked_in(tmp_path: Path) -> None:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
-        "MAGICMIX_MAX_GPUS": "16",
-        "MAGICMIX_BATCH_SIZE": "4",
-        "MAGICMIX_GPU_IDLE_S": "45",
-        "MAGICMIX_GPU_SNAPSHOT": "1",
-        "MAGICMIX_HF_SECRET": "huggingface",
-        "MAGICMIX_MODEL": "org/model",
-    }
-    code = (
-        "import modal_app as m, json;"
-        " print(json.dumps([m.MAX_GPUS, m.BATCH_SIZE, m.GPU_IDLE_S, m.GPU_SNAPSHOT,"
-        " m.MODEL_REVISION, m.DEPLOY_ENV['MAGICMIX_MAX_GPUS'],"
-        " m.download_weights.info().secrets]))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [
+def test_deploy_time_knobs_are_read_at_import_and_baked_in() -> None:
+    assert deployed("knobs")["module"] == [
         16,
         4,
         45,
