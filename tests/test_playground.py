@@ -93,6 +93,18 @@ def upload_layout(driver: WebDriver, tmp_path: Path) -> None:
     wait(driver, "the preview of the upload", "!document.getElementById('input-preview').hidden")
 
 
+def run_and_wait_for_the_result(driver: WebDriver) -> str:
+    """Press Mix and wait for the 256 px result; its URL."""
+    driver.find_element(By.ID, "run").click()
+    wait(
+        driver,
+        "the result image",
+        "document.getElementById('result-output').complete"
+        " && document.getElementById('result-output').naturalWidth === 256",
+    )
+    return str(driver.find_element(By.ID, "result-output").get_attribute("src"))
+
+
 def test_a_newcomer_mixes_an_image_and_sees_it_in_the_history(
     running: RunningService, browser: WebDriver, tmp_path: Path
 ) -> None:
@@ -110,15 +122,7 @@ def test_a_newcomer_mixes_an_image_and_sees_it_in_the_history(
     browser.find_element(By.ID, "mix-factor").send_keys(*[Keys.ARROW_RIGHT] * 2)
     browser.find_element(By.ID, "seed").send_keys("7")
     assert text(browser, "steps-value") == "4" and text(browser, "kmin-value") == "0.2"
-    browser.find_element(By.ID, "run").click()
-
-    wait(
-        browser,
-        "the result image",
-        "document.getElementById('result-output').complete"
-        " && document.getElementById('result-output').naturalWidth === 256",
-    )
-    assert "/outputs/" in str(browser.find_element(By.ID, "result-output").get_attribute("src"))
+    assert "/outputs/" in run_and_wait_for_the_result(browser)
     entry = browser.find_element(By.CSS_SELECTOR, "#history li").text
     for shown in ("kmin 0.2", "kmax 0.5", "mix_factor 0.6", "4 steps", "seed 7", "256×256"):
         assert shown in entry
@@ -247,14 +251,7 @@ def test_make_run_serves_the_toy_model_its_curl_and_page_mix_a_red_circle(
         browser.find_element(By.ID, "image-file").send_keys(str(STATIC_DIR / "sample-layout.png"))
         wait(browser, "the preview", "!document.getElementById('input-preview').hidden")
         browser.find_element(By.ID, "seed").send_keys("1")
-        browser.find_element(By.ID, "run").click()
-        wait(
-            browser,
-            "the result image",
-            "document.getElementById('result-output').complete"
-            " && document.getElementById('result-output').naturalWidth === 256",
-        )
-        src = str(browser.find_element(By.ID, "result-output").get_attribute("src"))
+        src = run_and_wait_for_the_result(browser)
         output = Image.open(BytesIO(running.download(src)))
         browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(str(tmp_path / "playground.png"))
