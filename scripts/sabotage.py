@@ -100,13 +100,17 @@ SABOTAGES = (
 )
 
 
+def copy_env(tree: Path) -> dict[str, str]:
+    """This environment, importing `magicmix` from `tree` (ahead of the editable install)."""
+    return {**os.environ, "PYTHONPATH": str(tree)}
+
+
 def failed_tests(tree: Path) -> list[str]:
     """Run the semantic tests in `tree`; the names of those that failed."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
     result = subprocess.run(  # nosec B603 - fixed argv
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", TESTS],
         cwd=tree,
-        env=env,
+        env=copy_env(tree),
         capture_output=True,
         text=True,
         check=False,
@@ -128,7 +132,7 @@ def main() -> int:
         where = subprocess.run(  # nosec B603 - fixed argv
             [sys.executable, "-c", "import magicmix; print(magicmix.__file__)"],
             cwd=tree,
-            env={**os.environ, "PYTHONPATH": str(tree)},
+            env=copy_env(tree),
             capture_output=True,
             text=True,
             check=True,

@@ -18,6 +18,7 @@ from magicmix.cli.options import (
 from magicmix.cli.sweep import sweep_command
 from magicmix.config import Settings, get_settings
 from magicmix.errors import MagicMixError
+from magicmix.families import TOY
 from magicmix.planner.cli import plan_command
 from magicmix.request import default
 
@@ -215,7 +216,6 @@ def quickstart_body(key: str, settings: Settings) -> dict[str, object]:
     """The seed's example body, made to work here: with private URLs allowed (as `make run`
     does) the layout is the sample this server ships (a green square), so it works offline,
     and on the toy model the prompt is one it can draw."""
-    from magicmix.families import TOY
     from magicmix.http.schemas import SEED_EXAMPLE
 
     body: dict[str, object] = {**SEED_EXAMPLE, "key": key}
@@ -229,8 +229,6 @@ def quickstart_body(key: str, settings: Settings) -> dict[str, object]:
 def print_quickstart(key: str, settings: Settings) -> None:
     """The key, the playground's address and a curl of `quickstart_body`."""
     import json
-
-    from magicmix.families import TOY
 
     public_url = settings.public_url
     typer.echo(f"\nAPI key (admin): {key}")

@@ -131,6 +131,12 @@ def mix_latents(denoised: torch.Tensor, layout: torch.Tensor, mix_factor: torch.
     return mix_factor * denoised + (1.0 - mix_factor) * layout
 
 
+def vae_input(images: Sequence[Image.Image]) -> torch.Tensor:
+    """SD's VAE input: RGB images as one NCHW float batch in [-1, 1] (same size each)."""
+    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+
+
 def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
     """SD's text input: every text padded (or cut) to the tokenizer's 77 tokens."""
     return tokenizer(
@@ -393,16 +399,12 @@ class MagicMixEngine:
 
     def _encode_images(self, requests: list[MixRequest]) -> torch.Tensor:
         vae = self.components.vae
-        pixels = np.stack(
+        batch = vae_input(
             [
-                np.asarray(
-                    r.image.convert("RGB").resize((r.width, r.height), Image.Resampling.BICUBIC),
-                    dtype=np.float32,
-                )
+                r.image.convert("RGB").resize((r.width, r.height), Image.Resampling.BICUBIC)
                 for r in requests
             ]
         )
-        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1.0)
         batch = self._to_device(batch).to(self._vae_dtype)
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)

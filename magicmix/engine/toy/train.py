@@ -27,7 +27,6 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -38,16 +37,9 @@ from magicmix.engine.builder import (
     sd_scheduler,
     small_vae,
 )
-from magicmix.engine.pipeline import token_ids
+from magicmix.engine.pipeline import token_ids, vae_input
 from magicmix.engine.toy import write_manifest
 from magicmix.engine.toy.world import COLOURS, SHAPES, Shape, random_shape, render, sample_spec
-
-
-def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL RGB images -> float tensor in [-1, 1], NCHW (the engine's VAE input convention)."""
-    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2).div(127.5).sub(1.0)
-
 
 # -- the tokenizer ------------------------------------------------------------------------
 
@@ -242,7 +234,7 @@ def _vae_batch(rng: np.random.Generator, recipe: Recipe) -> torch.Tensor:
             top = int(np.clip(y - crop / 2, 0, size - crop))
             image = image.crop((left, top, left + crop, top + crop))
         images.append(image)
-    return to_tensor(images)
+    return vae_input(images)
 
 
 def latent_target(batch: torch.Tensor, chroma: float, ink: float) -> torch.Tensor:
@@ -319,7 +311,7 @@ def encode_world(
     for start in tqdm(
         range(0, count, chunk), desc=f"latents {size}px", disable=not progress, mininterval=2
     ):
-        batch = to_tensor([render(s, size) for s in specs[start : start + chunk]])
+        batch = vae_input([render(s, size) for s in specs[start : start + chunk]])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             latents.append(vae.encode(batch).latent_dist.mean.float())
     return torch.cat(latents), specs
