@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from magicmix.config import Settings
 from magicmix.engine import MagicMixEngine
@@ -69,7 +70,9 @@ def test_a_damaged_copy_is_refused_before_it_loads(tmp_path: Path, damage: str) 
 def test_training_runs_end_to_end_and_is_deterministic(tmp_path: Path) -> None:
     """Every phase of `build-toy` on a few steps: two runs give the same files, and the
     result loads and mixes in the engine."""
+    threads = torch.get_num_threads()
     first = dict(train_toy_model(tmp_path / "a", recipe=SMOKE, progress=False))
+    assert torch.get_num_threads() == threads  # the recipe's count was for training only
     train_toy_model(tmp_path / "b", recipe=SMOKE, progress=False)
     assert read_manifest(tmp_path / "a") == read_manifest(tmp_path / "b")
     assert set(first) >= {"vae_s", "latents_s", "text_s", "diffusion_s", "total_s"}

@@ -496,10 +496,19 @@ def train_toy_model(
 ) -> dict[str, float]:
     """Train the toy SD 1.x model and save it as a diffusers folder; returns seconds per phase.
 
-    Reproducible given `seed`, the recipe and the thread count (`recipe.threads`).
+    Reproducible given `seed`, the recipe and the thread count (`recipe.threads`), which
+    holds for the training only: the process's own count is restored afterwards.
     """
     recipe = recipe or Recipe()
+    threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
+    try:
+        return _train(Path(directory), seed, recipe, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(directory: Path, seed: int, recipe: Recipe, *, progress: bool) -> dict[str, float]:
     timings: dict[str, float] = {}
     total = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -526,7 +535,7 @@ def train_toy_model(
     info = {"seed": seed, "recipe": asdict(recipe), "scaling_factor": vae.config.scaling_factor}
     # A fresh tokenizer: a used one writes its last padding and truncation into the file.
     pipeline = sd1_pipeline(unet, vae, text_encoder, build_tokenizer())
-    save_toy_model(Path(directory), pipeline, info)
+    save_toy_model(directory, pipeline, info)
     timings["save_s"] = time.perf_counter() - start
     timings["total_s"] = time.perf_counter() - total
     return timings
