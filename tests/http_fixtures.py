@@ -1,7 +1,9 @@
 """A real HTTP server on 127.0.0.1 for tests of the network edge: real sockets, no mocks.
 
 Use it as a context manager (`with LoopbackServer() as server:`), register handlers with
-`server.route(path, handler)`, and read what arrived in `server.requests`.
+`server.route(path, handler)`, and read what arrived in `server.requests`. `server.watch(path)`,
+called before the requests, gives events to wait on instead of the clock: a request reached
+the handler, or the handler ran to its end without the client hanging up.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 
@@ -25,6 +27,14 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What a test can wait on for one path, so no assertion rests on a time budget."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    completed: threading.Event = field(default_factory=threading.Event)
 
 
 def respond(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Handler:
@@ -59,6 +69,7 @@ class LoopbackServer:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
         self._routes: dict[str, Handler] = {}
+        self._watches: dict[str, Watch] = {}
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler_class(self))
         self._httpd.daemon_threads = True  # a handler still dripping bytes must not block exit
         self.port = int(self._httpd.server_address[1])
@@ -70,16 +81,25 @@ class LoopbackServer:
     def route(self, path: str, handler: Handler) -> None:
         self._routes[path] = handler
 
+    def watch(self, path: str) -> Watch:
+        """Fresh events for the requests to `path` from now on (servers are reused across tests)."""
+        self._watches[path] = Watch()
+        return self._watches[path]
+
     def dispatch(self, request: BaseHTTPRequestHandler) -> None:
         length = int(request.headers.get("Content-Length") or 0)
         body = request.rfile.read(length) if length else b""
         self.requests.append(
             Recorded(request.command, request.path, dict(request.headers.items()), body)
         )
-        handler = self._routes.get(request.path.split("?")[0], respond(404, b"not found"))
+        path = request.path.split("?")[0]
+        handler = self._routes.get(path, respond(404, b"not found"))
+        watch = self._watches.get(path, Watch())
+        watch.entered.set()
         # the client may hang up on purpose (size or time limit): that is what is tested
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             handler(request)
+            watch.completed.set()
 
     def __enter__(self) -> LoopbackServer:
         self._thread.start()
