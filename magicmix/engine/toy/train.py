@@ -15,6 +15,8 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -262,6 +264,8 @@ def train_vae(recipe: Recipe, seed: int, *, progress: bool = True) -> Autoencode
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _linear_warmup_cosine(s, recipe.vae_steps)
     )
+    # The anchor in the target's own units per channel, so weak channels are held as firmly.
+    scale = torch.tensor([recipe.vae_chroma] * 3 + [recipe.vae_ink]).view(1, 4, 1, 1)
     vae.train()
     bar = tqdm(range(recipe.vae_steps), desc="vae", disable=not progress, mininterval=2)
     for _ in bar:
@@ -276,8 +280,6 @@ def train_vae(recipe: Recipe, seed: int, *, progress: bool = True) -> Autoencode
         kl = posterior.kl().mean() / z[0].numel()
         mean = posterior.mean.float()
         target = latent_target(batch, recipe.vae_chroma, recipe.vae_ink)
-        # In the target's own units per channel, so weak channels are held as firmly.
-        scale = torch.tensor([recipe.vae_chroma] * 3 + [recipe.vae_ink]).view(1, 4, 1, 1)
         anchor = F.mse_loss((mean - mean.mean((2, 3), keepdim=True)) / scale, target / scale)
         loss = rec + recipe.vae_kl * kl + recipe.vae_anchor * anchor
         optimizer.zero_grad(set_to_none=True)
@@ -384,13 +386,13 @@ def pretrain_text_encoder(
     # Supervise from the end-of-text token on (causal attention: earlier ones cannot know).
     ends = (ids == tokenizer.eos_token_id).int().argmax(dim=1)
     positions = torch.arange(ids.shape[1])[None, :] >= ends[:, None]
+    rows = positions.nonzero()[:, 0]
     params = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.0)
     encoder.train()
     bar = tqdm(range(recipe.text_steps), desc="text", disable=not progress, mininterval=2)
     for _ in bar:
         hidden = encoder(ids)[0][positions]
-        rows = positions.nonzero()[:, 0]
         loss = F.cross_entropy(heads[0](hidden), labels[rows, 0]) + F.cross_entropy(
             heads[1](hidden), labels[rows, 1]
         )
@@ -438,9 +440,10 @@ def train_diffusion(
     ema = _EMA([unet], recipe.ema_decay)
     unet.train()
     mix = np.asarray(recipe.unet_mix, dtype=np.float64)
+    pool_odds = mix / mix.sum()
     bar = tqdm(range(recipe.unet_steps), desc="unet", disable=not progress, mininterval=2)
     for _ in bar:
-        which = int(rng.choice(len(pools), p=mix / mix.sum()))
+        which = int(rng.choice(len(pools), p=pool_odds))
         latents, specs = pools[which]
         index = rng.integers(len(specs), size=recipe.unet_batches[which])
         texts = []
@@ -508,34 +511,35 @@ def train_toy_model(
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block took to `timings[name]`."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
 def _train(directory: Path, seed: int, recipe: Recipe, *, progress: bool) -> dict[str, float]:
     timings: dict[str, float] = {}
-    total = time.perf_counter()
-    tokenizer = build_tokenizer()
-
-    start = time.perf_counter()
-    vae = train_vae(recipe, seed, progress=progress)
-    scale = latent_scale(vae, seed + 99, count=recipe.scale_images)
-    vae.register_to_config(scaling_factor=scale)
-    timings["vae_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    pools = latent_pools(recipe, seed, vae, progress=progress)
-    timings["latents_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    text_encoder = pretrain_text_encoder(recipe, seed, tokenizer, progress=progress)
-    timings["text_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    unet = train_diffusion(recipe, seed, pools, tokenizer, text_encoder, progress=progress)
-    timings["diffusion_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    info = {"seed": seed, "recipe": asdict(recipe), "scaling_factor": vae.config.scaling_factor}
-    # A fresh tokenizer: a used one writes its last padding and truncation into the file.
-    pipeline = sd1_pipeline(unet, vae, text_encoder, build_tokenizer())
-    save_toy_model(directory, pipeline, info)
-    timings["save_s"] = time.perf_counter() - start
-    timings["total_s"] = time.perf_counter() - total
+    with _timed(timings, "total_s"):
+        tokenizer = build_tokenizer()
+        with _timed(timings, "vae_s"):
+            vae = train_vae(recipe, seed, progress=progress)
+            scale = latent_scale(vae, seed + 99, count=recipe.scale_images)
+            vae.register_to_config(scaling_factor=scale)
+        with _timed(timings, "latents_s"):
+            pools = latent_pools(recipe, seed, vae, progress=progress)
+        with _timed(timings, "text_s"):
+            text_encoder = pretrain_text_encoder(recipe, seed, tokenizer, progress=progress)
+        with _timed(timings, "diffusion_s"):
+            unet = train_diffusion(recipe, seed, pools, tokenizer, text_encoder, progress=progress)
+        with _timed(timings, "save_s"):
+            info = {
+                "seed": seed,
+                "recipe": asdict(recipe),
+                "scaling_factor": vae.config.scaling_factor,
+            }
+            # A fresh tokenizer: a used one writes its last padding and truncation into the file.
+            pipeline = sd1_pipeline(unet, vae, text_encoder, build_tokenizer())
+            save_toy_model(directory, pipeline, info)
     return timings
