@@ -159,7 +159,8 @@ def colour_names(pixels: np.ndarray) -> np.ndarray:
 def colour_shares(image: Image.Image | np.ndarray) -> dict[str, float]:
     """Per colour name, the share of object pixels of that colour; "other" takes the rest
     (all zero when there is no object)."""
-    pixels = _array(image)[object_mask(image)]
+    array = _array(image)
+    pixels = array[object_mask(array)]
     names = [*HUE_BANDS, "other"]
     if len(pixels) == 0:
         return dict.fromkeys(names, 0.0)
@@ -173,17 +174,18 @@ def dominant_colour(image: Image.Image | np.ndarray) -> str | None:
     return best if shares[best] > 0 and best != "other" else None
 
 
+def _sized_like(b: Image.Image, a: Image.Image) -> Image.Image:
+    """`b` at `a`'s size, so two images compare pixel by pixel."""
+    return b if b.size == a.size else b.resize(a.size, Image.Resampling.BICUBIC)
+
+
 def pixel_distance(a: Image.Image, b: Image.Image) -> float:
     """Mean absolute pixel difference in [0, 1]; b is resized to a's size first."""
-    if b.size != a.size:
-        b = b.resize(a.size, Image.Resampling.BICUBIC)
-    return float(np.abs(_array(a) - _array(b)).mean() / 255.0)
+    return float(np.abs(_array(a) - _array(_sized_like(b, a))).mean() / 255.0)
 
 
 def mask_iou(a: Image.Image, b: Image.Image) -> float:
     """Intersection over union of the two object masks (b resized to a's size)."""
-    if b.size != a.size:
-        b = b.resize(a.size, Image.Resampling.BICUBIC)
-    ma, mb = object_mask(a), object_mask(b)
+    ma, mb = object_mask(a), object_mask(_sized_like(b, a))
     union = (ma | mb).sum()
     return float((ma & mb).sum() / union) if union else 1.0
