@@ -25,14 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCKS = ROOT / "requirements"
 LEFT_OUT = {"modal"}  # and everything only it needs
 WEB_ROOTS = [
+    "alembic",
     "boto3",
     "cryptography",
     "fastapi",
     "httpx",
     "huggingface-hub",
     "pillow",
+    "psycopg",
+    "psycopg-binary",
     "pydantic",
     "pydantic-settings",
+    "sqlalchemy",
     "standardwebhooks",
     "uvicorn",
 ]
