@@ -107,7 +107,7 @@ with web_image.imports():
 
 with gpu_image.imports():
     from magicmix.backends.modal.gpu import GpuWorker
-    from magicmix.engine.configure import engine_on_cuda, load_for_snapshot
+    from magicmix.engine.configure import engine_on_device, load_for_snapshot
 
 
 def parts() -> ModalParts:
@@ -151,7 +151,7 @@ class MagicMix:
     @modal.enter(snap=False)
     def to_gpu(self) -> None:
         shared = parts()
-        self.worker = GpuWorker(shared, engine_on_cuda(self.weights, shared.settings))
+        self.worker = GpuWorker(shared, engine_on_device(self.weights, shared.settings))
         if COMPILE:
             compile_cache.commit()  # a warm-up that compiled publishes for the next container
 

@@ -99,13 +99,14 @@ def load_for_snapshot(settings: Settings, *, on_gpu: bool = False) -> Components
     )
 
 
-def engine_on_cuda(components: Components, settings: Settings) -> MagicMixEngine:
+def engine_on_device(components: Components, settings: Settings) -> MagicMixEngine:
     """After each restore: move the weights to the GPU, wrap them, compile if asked.
 
     With `MAGICMIX_COMPILE`, every batch bucket up to the batch size is compiled now,
-    before the container takes work, so no request pays for it.
+    before the container takes work, so no request pays for it. `MAGICMIX_DEVICE=cpu`
+    keeps them on the CPU: the local rehearsal of the Modal app runs this same path.
     """
-    device = torch.device("cuda")
+    device = torch.device("cpu" if settings.device == "cpu" else "cuda")
     for module in components.modules():
         module.to(device)
     engine = MagicMixEngine(
