@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from magicmix.backends.modal.compose import ModalParts
+    from magicmix.store.database import PoolSize
 
 APP_NAME = "magicmix"
 ROOT = Path(__file__).resolve().parent
@@ -52,6 +53,7 @@ BATCH_WAIT_MS = int(os.environ.get("MAGICMIX_BATCH_WAIT_MS", "100"))
 GPU_IDLE_S = int(os.environ.get("MAGICMIX_GPU_IDLE_S", "30"))
 GPU_SNAPSHOT = os.environ.get("MAGICMIX_GPU_SNAPSHOT", "") == "1"
 COMPILE = os.environ.get("MAGICMIX_COMPILE", "") == "1"
+RUN_ATTEMPTS = 3  # a batch's inputs run at most this often (Modal retries a crashed container)
 HF_SECRET = os.environ.get("MAGICMIX_HF_SECRET", "")
 CACHE_DIR = "/cache"  # the weights Volume; the Hugging Face cache lives under it
 COMPILE_DIR = "/compile-cache"  # the compile-cache Volume: torch.compile's output, by key
@@ -66,6 +68,7 @@ DEPLOY_ENV = {
     "MAGICMIX_MAX_GPUS": str(MAX_GPUS),
     "MAGICMIX_BATCH_SIZE": str(BATCH_SIZE),
     "MAGICMIX_BATCH_WAIT_MS": str(BATCH_WAIT_MS),
+    "MAGICMIX_MAX_RUN_ATTEMPTS": str(RUN_ATTEMPTS),
     "MAGICMIX_COMPILE": "true" if COMPILE else "false",
     "MAGICMIX_COMPILE_CACHE_DIR": COMPILE_DIR,
     "MAGICMIX_COMPILE_WORK_DIR": "/tmp/magicmix-inductor",  # the container's own disk
@@ -88,12 +91,11 @@ app = modal.App(APP_NAME, image=web_image)
 
 weights = modal.Volume.from_name("magicmix-weights", create_if_missing=True)
 compile_cache = modal.Volume.from_name("magicmix-compile-cache", create_if_missing=True)
-dicts = {
-    name: modal.Dict.from_name(f"magicmix-{name}", create_if_missing=True)
-    for name in ("jobs", "active", "outbox", "expiring", "keys")
-}
+# All state is in the database named by the secret (docs/deploy.md step 2); Modal holds none.
 service_secrets = [
-    modal.Secret.from_name("magicmix", required_keys=["MAGICMIX_SECRET_KEY"]),
+    modal.Secret.from_name(
+        "magicmix", required_keys=["MAGICMIX_SECRET_KEY", "MAGICMIX_DATABASE_URL"]
+    ),
     modal.Secret.from_name("magicmix-s3", required_keys=["MAGICMIX_STORE_URL"]),
 ]
 hub_secrets = [modal.Secret.from_name(HF_SECRET, required_keys=["HF_TOKEN"])] if HF_SECRET else []
@@ -110,10 +112,10 @@ with gpu_image.imports():
     from magicmix.engine.configure import engine_on_device, load_for_snapshot
 
 
-def parts() -> ModalParts:
-    """What every container shares; the web URL is the default public URL."""
+def parts(pool: PoolSize) -> ModalParts:
+    """What every container shares (called after any snapshot: it opens the database)."""
     settings = compose.modal_settings(web.get_web_url())
-    return compose.modal_parts(settings, dicts, send_webhooks.spawn)
+    return compose.modal_parts(settings, send_webhooks.spawn, pool=pool)
 
 
 def gpu_calls() -> ModalGpuCalls:
@@ -137,7 +139,7 @@ def download_weights() -> None:
     experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
     scaledown_window=GPU_IDLE_S,
     max_containers=MAX_GPUS,
-    retries=modal.Retries(max_retries=2, initial_delay=1.0),  # a crashed container's batch
+    retries=modal.Retries(max_retries=RUN_ATTEMPTS - 1, initial_delay=1.0),  # a crashed container
     timeout=600,
     startup_timeout=900,
 )
@@ -150,7 +152,7 @@ class MagicMix:
 
     @modal.enter(snap=False)
     def to_gpu(self) -> None:
-        shared = parts()
+        shared = parts(compose.POOLS["gpu"])
         self.worker = GpuWorker(shared, engine_on_device(self.weights, shared.settings))
         if COMPILE:
             compile_cache.commit()  # a warm-up that compiled publishes for the next container
@@ -161,9 +163,9 @@ class MagicMix:
 
 
 @app.function(secrets=service_secrets, enable_memory_snapshot=True, timeout=900)
-async def send_webhooks(job_ids: list[int]) -> None:
+async def send_webhooks() -> None:
     """Webhooks leave from a CPU container, so the GPU never waits on a receiver."""
-    await compose.deliver_webhooks(parts(), job_ids)
+    await compose.deliver_webhooks(parts(compose.POOLS["webhooks"]))
 
 
 @app.function(secrets=service_secrets, enable_memory_snapshot=True, timeout=180)
@@ -171,20 +173,20 @@ async def send_webhooks(job_ids: list[int]) -> None:
 @modal.asgi_app()
 def web() -> FastAPI:
     """The same FastAPI app as `magicmix serve`."""
-    return create_app(compose.web_service(parts(), gpu_calls(), gpu_name=GPU))
+    return create_app(compose.web_service(parts(compose.POOLS["web"]), gpu_calls(), gpu_name=GPU))
 
 
-@app.function(secrets=service_secrets, schedule=modal.Cron("*/5 * * * *"), timeout=900)
+@app.function(secrets=service_secrets, schedule=modal.Cron("*/2 * * * *"), timeout=900)
 async def sweep() -> None:
-    """Every 5 minutes: crash repair, the 24-hour rule, stuck jobs, webhook retries."""
-    shared = parts()
+    """Every 2 minutes: lapsed claims, lost GPU calls, the 24-hour rule, webhook retries."""
+    shared = parts(compose.POOLS["sweep"])
     await compose.run_sweep(shared, compose.dispatcher(shared, gpu_calls(), gpu_name=GPU))
 
 
 @app.function(secrets=service_secrets, timeout=120)
 def manage_keys(action: str, key_id: str = "", admin: bool = False) -> str:
     """The key store of the deployed app; `keys` below (or `magicmix keys --modal`) calls it."""
-    return compose.manage_keys(parts(), action, key_id=key_id, admin=admin)
+    return compose.manage_keys(parts(compose.POOLS["keys"]), action, key_id=key_id, admin=admin)
 
 
 @app.local_entrypoint()

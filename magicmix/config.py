@@ -67,9 +67,20 @@ class Settings(BaseSettings):
     seconds_per_image: float | None = Field(None, gt=0)  # default: capacity's table
     max_queue: int = Field(0, ge=0)  # 0: derived from the four above
     max_queued_per_key: int = Field(0, ge=0)  # 0: the whole queue
-    sweep_interval_s: float = Field(60.0, gt=0)  # local: expire outputs, fail stuck jobs
+    sweep_interval_s: float = Field(60.0, gt=0)  # local: expire outputs, release lapsed claims
     stale_queued_s: float = Field(3600.0, gt=0)  # a job not started by then is failed
-    stale_processing_s: float = Field(1800.0, gt=0)  # a run not finished by then is failed
+    # a worker holds its claim on a job for this long at a time, renewing it as it runs; a
+    # claim not renewed (the worker died) is requeued by the sweep, or failed after this
+    # many runs (a job that keeps killing its workers)
+    lease_s: float = Field(60.0, ge=1)
+    max_run_attempts: int = Field(3, ge=1, le=20)
+
+    # --- database (contract section 8) ---
+    # postgresql://user:pass@host:port/db or sqlite:///path; default: a SQLite file in
+    # DATA_DIR. Every process given the same URL (and output store) is one service.
+    database_url: SecretStr | None = None
+    db_pool_size: int = Field(5, ge=1)  # connections a process keeps open (PostgreSQL)
+    db_max_overflow: int = Field(10, ge=0)  # and may open beyond those at peaks
 
     # --- inputs ---
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -147,7 +158,14 @@ class Settings(BaseSettings):
 
     @property
     def database_path(self) -> Path:
+        """The default database: a SQLite file in the data dir."""
         return self.data_dir / "magicmix.sqlite3"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.database_path}"
 
     def secret_key_bytes(self) -> bytes:
         """The service secret: from the environment, else generated once into the data dir."""

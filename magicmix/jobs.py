@@ -1,9 +1,8 @@
-"""Jobs as data: their states, records and results, and the store interface they live behind.
+"""Jobs as data: their states, records, results and the changes a store applies.
 
 Behaviour (which state may follow which, and what each change sets off) is in
-`lifecycle.py`; a store only has to make one status change atomic (`JobStore.transition`)
-and keep what the lifecycle writes. Implementations: `backends.local.jobs` (SQLite) and
-`backends.modal.state` (Modal Dicts).
+`lifecycle.py`; where records live is `store/` (the `JobStore` contract and its SQL
+implementation).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel
@@ -57,6 +56,10 @@ class JobParams(MixParams):
         """Jobs with equal keys share every timestep, so they can share UNet batches."""
         return self.mix_request().batch_key()
 
+    def batch_key_text(self) -> str:
+        """`batch_key` as stores keep it, so a batch claim can match it in SQL."""
+        return "x".join(map(str, self.batch_key()))
+
 
 class JobResult(BaseModel):
     output: list[str]
@@ -93,6 +96,10 @@ class JobRecord(BaseModel):
     error: str | None = None
     webhook: WebhookState | None = None  # None: the job has no webhook URL
     claimant: str | None = None  # who runs it (a worker or a Modal input), while processing
+    lease_until: float | None = None  # the claim lapses then unless its claimant renews it
+    run_attempts: int = 0  # claims so far: a job that keeps killing its workers is failed
+    call_id: str | None = None  # the dispatcher's handle of its run (Modal's FunctionCall id)
+    webhook_body: str | None = None  # a success's webhook body, fixed when it was recorded
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -145,11 +152,16 @@ class QueueLimits:
 
 @dataclass(frozen=True)
 class Change:
-    """One status change for `JobStore.transition`: from one of `expected` to `to`."""
+    """One status change for `JobStore.transition`: from one of `expected` to `to`.
+
+    With `claimant`, only while that claimant holds the job: a worker whose lease lapsed
+    (and whose job another worker took since) cannot end it.
+    """
 
     expected: frozenset[JobStatus]
     to: JobStatus
     fields: dict[str, Any] = field(default_factory=dict)  # JobRecord fields to set with it
+    claimant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,11 +179,17 @@ class Idempotency:
 
 @dataclass(frozen=True)
 class IdempotencyClaim:
-    """What `JobStore.begin_idempotent` found: ours to accept now, or an earlier request's."""
+    """What `JobStore.begin_idempotent` found: ours to accept now, or an earlier request's.
+
+    An owned claim carries its `token`: the job's insert binds the key only while the
+    token still holds it, so a request whose claim was taken over makes no job.
+    """
 
     owned: bool
     fingerprint: str
     job_id: int | None  # the job the key's first request made, once it made one
+    key: Idempotency | None = None  # the client's key, on an owned claim
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,67 +199,11 @@ class NewJob:
     key_id: str
     params: JobParams
     created_at: float
-    idempotency: Idempotency | None = None  # bound to the new job in the same insert
+    idempotency: IdempotencyClaim | None = None  # an owned claim, bound in the same insert
 
     @property
     def webhook(self) -> WebhookState | None:
         return WebhookState() if self.params.webhook else None
-
-
-class JobStore(Protocol):
-    """Where job records live. Only `transition` needs to be atomic."""
-
-    def insert(self, job: NewJob, image: bytes, limits: QueueLimits) -> JobRecord:
-        """Store a queued job, or raise `Busy` (via `limits.check`) when over a limit."""
-        ...
-
-    def get(self, job_id: int) -> JobRecord | None: ...
-
-    def image(self, job_id: int) -> bytes | None:
-        """The layout image of an active job; None once the job ended."""
-        ...
-
-    def transition(self, job_id: int, change: Change) -> JobRecord | None:
-        """Apply `change` if the job's status is one of `change.expected`, atomically.
-
-        Returns the changed record, or None when the job is missing or in another state.
-        A change to an ended state succeeds at most once per job: first writer wins.
-        """
-        ...
-
-    def active(self, limit: int | None = None) -> list[JobRecord]:
-        """Queued and processing jobs, oldest first (the first `limit` of them)."""
-        ...
-
-    def queue_length(self) -> int: ...
-
-    def webhooks_due(self, now: float, limit: int) -> list[JobRecord]:
-        """Ended jobs whose webhook is pending and whose next attempt is due."""
-        ...
-
-    def record_webhook(self, job_id: int, state: WebhookState) -> None: ...
-
-    def expirable(self, finished_before: float) -> list[JobRecord]:
-        """Successes stored in the service store that finished before the cutoff."""
-        ...
-
-    def begin_idempotent(
-        self, key_id: str, idempotency: Idempotency, *, now: float, ttl_s: float, lease_s: float
-    ) -> IdempotencyClaim:
-        """Claim the key for a request about to be accepted, or say whose it is.
-
-        An entry older than `ttl_s`, or one still unbound after `lease_s` (its request
-        died while being accepted), is taken over.
-        """
-        ...
-
-    def release_idempotent(self, key_id: str, idempotency: Idempotency) -> None:
-        """Give back a claim whose request made no job (it was refused)."""
-        ...
-
-    def forget_idempotent(self, created_before: float) -> int:
-        """Drop keys older than the cutoff (stores whose entries lapse by themselves: 0)."""
-        ...
 
 
 def params_from(submission: Submission, *, family: str, seed: int, image_ref: str) -> JobParams:

@@ -14,7 +14,7 @@ from typing import Any
 
 # scheme://[user:pass@]host... up to whitespace; the query and fragment are dropped
 _URL = re.compile(r"(?P<scheme>https?://)(?:[^\s/@]+@)?(?P<rest>[^\s?#]*)(?:[?#][^\s'\"]*)?")
-_QUIET = ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer")
+_QUIET = ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer", "alembic")
 
 
 def redact(text: str) -> str:

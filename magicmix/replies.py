@@ -7,6 +7,7 @@ no route or path.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
@@ -125,7 +126,12 @@ def ended_reply(job: JobRecord, *, retention_hours: float) -> SuccessOut | Faile
             f"the outputs of job {job.id} were deleted after {retention_hours:g} hours;"
             " add S3 details with update_s3 to keep images in your own bucket"
         )
-    if job.status is JobStatus.SUCCESS and job.result is not None:
+    return final_reply(job)
+
+
+def final_reply(job: JobRecord) -> SuccessOut | FailedOut:
+    """How a job ended, whatever happened to its outputs since (what its webhook says)."""
+    if job.status in (JobStatus.SUCCESS, JobStatus.EXPIRED) and job.result is not None:
         return SuccessOut(
             generationTime=round(job.result.generation_time, 4),
             id=job.id,
@@ -140,10 +146,11 @@ def ended_reply(job: JobRecord, *, retention_hours: float) -> SuccessOut | Faile
     )
 
 
-def webhook_body(job: JobRecord, *, retention_hours: float) -> dict[str, Any]:
-    """What a job's webhook POSTs: its final reply plus `track_id` (ModelsLab's shape)."""
-    try:
-        reply: BaseModel = ended_reply(job, retention_hours=retention_hours)
-    except Gone as err:
-        reply = FailedOut(id=job.id, message=err.message)
-    return {**reply.model_dump(mode="json"), "track_id": job.params.track_id}
+def webhook_json(job: JobRecord) -> str:
+    """What a job's webhook POSTs: how it ended plus `track_id` (ModelsLab's shape).
+
+    The same bytes on every attempt: a success's body is fixed when it is recorded
+    (`Lifecycle.finish`), and any other end is a record that no longer changes.
+    """
+    body = {**final_reply(job).model_dump(mode="json"), "track_id": job.params.track_id}
+    return json.dumps(body, separators=(",", ":"))

@@ -1,11 +1,14 @@
 """Run a batch of claimed jobs through the engine and put each result where it belongs.
 
 Shared by the local worker thread and Modal's GPU class: given an engine and claimed
-jobs, it decodes inputs, mixes them in one engine call, stores each PNG (the key's own
-bucket when it has S3 details, else the service store) and ends each job through the
-lifecycle. A job never stays `processing` because of an error here. When the lifecycle
-refuses a finish (the job was cancelled or failed by the sweep meanwhile), the PNG just
-stored is deleted again, so a job has at most one output and only if it succeeded.
+jobs, it decodes inputs, mixes each group of jobs that share a schedule in one engine
+call, stores each PNG (the key's own bucket when it has S3 details, else the service
+store) and ends each job through the lifecycle, as its claimant. A group that fails
+fails only its own jobs, and each group's jobs report their own generation time. A job
+never stays `processing` because of an error here. When the lifecycle refuses a finish
+(the job was cancelled, failed by the sweep, or its claim lapsed and passed to another
+worker), the PNG just stored is deleted again, so a job has at most one output and only
+if it succeeded.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from magicmix.crypto import SecretBox
 from magicmix.errors import MagicMixError, StorageError
 from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.jobs import JobRecord, JobResult
-from magicmix.keys import KeyStore
 from magicmix.lifecycle import Lifecycle
 from magicmix.outputs.store import OutputStore
 from magicmix.outputs.user_bucket import S3Details, UserBucket, check_s3_endpoint
 from magicmix.replies import Links
 from magicmix.request import MixRequest
+from magicmix.store.base import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class JobRunner:
         for job in batch:
             data = self.lifecycle.store.image(job.id)
             if data is None:
-                ended.append(self.lifecycle.fail(job.id, "the layout image was lost"))
+                ended.append(self._fail(job, "the layout image was lost"))
                 continue
             try:
                 image = decode_image(
@@ -82,12 +85,18 @@ class JobRunner:
                     max_decoded_bytes=self.settings.max_image_decoded_bytes,
                 )
             except MagicMixError as err:
-                ended.append(self.lifecycle.fail(job.id, err.message))
+                ended.append(self._fail(job, err.message))
                 continue
             runnable.append((job, job.params.mix_request(image)))
-        if runnable:
-            ended += self._mix(engine, runnable)
+        groups: dict[tuple[int, ...], list[tuple[JobRecord, MixRequest]]] = {}
+        for job, request in runnable:
+            groups.setdefault(request.batch_key(), []).append((job, request))
+        for group in groups.values():  # one UNet batch each; a failure stays in its group
+            ended += self._mix(engine, group)
         return [job for job in ended if job is not None]
+
+    def _fail(self, job: JobRecord, message: str) -> JobRecord | None:
+        return self.lifecycle.fail(job.id, message, claimant=job.claimant)
 
     def _mix(
         self, engine: Engine, runnable: list[tuple[JobRecord, MixRequest]]
@@ -96,12 +105,11 @@ class JobRunner:
         try:
             results = engine.mix([request for _, request in runnable], progress=False)
         except MagicMixError as err:
-            return [self.lifecycle.fail(job.id, err.message) for job, _ in runnable]
+            return [self._fail(job, err.message) for job, _ in runnable]
         except Exception:
             log.exception("engine failed on jobs %s", [job.id for job, _ in runnable])
             return [
-                self.lifecycle.fail(job.id, "internal error while generating the image")
-                for job, _ in runnable
+                self._fail(job, "internal error while generating the image") for job, _ in runnable
             ]
         elapsed = time.perf_counter() - started
         log.info("mixed jobs %s in %.2fs", [job.id for job, _ in runnable], elapsed)
@@ -150,8 +158,8 @@ class JobRunner:
             self.outputs.put(name, data)
         except StorageError as err:
             log.error("job %s: service store failed: %s", job.id, err.message)
-            return self.lifecycle.fail(
-                job.id, f"the image was generated but could not be stored: {err.message}"
+            return self._fail(
+                job, f"the image was generated but could not be stored: {err.message}"
             )
         result = JobResult(
             output=[self.links.output(name)],

@@ -2,8 +2,10 @@
 
 It speaks in the wire's reply bodies (`magicmix.replies`) at its edge, so the HTTP layer
 stays thin, and raises only `magicmix.errors`; it knows nothing of HTTP or of where jobs
-run. The same class serves both backends, through two seams: the `JobStore` under the
-lifecycle, and the `Dispatcher` (a local worker thread, or Modal's GPU class).
+run. The same class serves every deployment, through two seams: the store under the
+lifecycle (`store.base`), and the `backends.base.Dispatcher` (a local worker thread, or
+Modal's GPU class). Background work (the webhook delivery loop, the sweep) is scheduled
+by each deployment's composition root.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from magicmix import __version__
+from magicmix.backends.base import Dispatcher
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.errors import Busy, Conflict, Forbidden, InvalidInput, NotFound, StorageError
@@ -30,7 +31,7 @@ from magicmix.inputs.netguard import check_url
 from magicmix.inputs.sources import image_bytes_from_field
 from magicmix.jobs import Idempotency, IdempotencyClaim, JobRecord, params_from
 from magicmix.keys import KeyStore, Principal
-from magicmix.lifecycle import Lifecycle, StaleAfter
+from magicmix.lifecycle import Lifecycle
 from magicmix.outputs.store import OutputStore
 from magicmix.outputs.user_bucket import S3Details, UserBucket, check_s3_endpoint
 from magicmix.replies import (
@@ -46,39 +47,6 @@ from magicmix.request import Submission, random_seed, validate_request
 
 log = logging.getLogger(__name__)
 REPLY_RESERVE_S = 5.0  # of a request's deadline, kept for the store calls of its reply
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What `system_details` says of the model, from wherever it runs."""
-
-    model: str
-    family: str
-    device: str
-    dtype: str
-
-
-class Dispatcher(Protocol):
-    """Where jobs run: the local worker thread, or Modal's GPU class."""
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-    async def submit(self, job: JobRecord) -> None:
-        """See that `job` (queued) will run; failing that, fail it through the lifecycle."""
-        ...
-
-    async def wait(self, job_id: int, timeout: float) -> None:
-        """Return once the job may have ended, or after `timeout` seconds."""
-        ...
-
-    async def cancel(self, job_ids: list[int]) -> None:
-        """Stop runs of jobs the lifecycle just cancelled (best effort)."""
-        ...
-
-    def describe(self) -> EngineInfo: ...
-    def clear_cache(self) -> str: ...
-    def reload(self) -> str: ...
 
 
 class MagicMixService:
@@ -160,10 +128,10 @@ class MagicMixService:
         if not claim.owned:
             return await self._replay(claim, idempotency, deadline)
         try:
-            return await self._submit(body, principal, idempotency, deadline)
+            return await self._submit(body, principal, claim, deadline)
         except BaseException:  # refused before a job was made: the key is free again
             await asyncio.to_thread(  # (a key bound to a job is never released)
-                self.lifecycle.release_idempotent, principal.key_id, idempotency
+                self.lifecycle.release_idempotent, principal.key_id, claim
             )
             raise
 
@@ -193,7 +161,7 @@ class MagicMixService:
         self,
         body: Submission,
         principal: Principal,
-        idempotency: Idempotency | None,
+        idempotency: IdempotencyClaim | None,
         deadline: float,
     ) -> JobOut:
         # shed load before any fetch; store calls run off the event loop (on Modal they are
@@ -309,9 +277,9 @@ class MagicMixService:
             return {"error": err.message}
 
     async def clear_queue(self) -> MessageOut:
-        """Cancel queued jobs: their waiters wake, their webhooks go, their runs are stopped."""
+        """Cancel queued jobs in one statement: their waiters wake, their webhooks go. A
+        worker that picks one up later finds it cancelled and skips it."""
         cancelled = await asyncio.to_thread(self.lifecycle.cancel_queued)
-        await self.dispatcher.cancel([job.id for job in cancelled])
         return MessageOut(message=f"cancelled {len(cancelled)} queued jobs")
 
     def clear_cache(self) -> MessageOut:
@@ -353,43 +321,6 @@ class MagicMixService:
 
     def output(self, name: str) -> bytes:
         return self.outputs.get(name)
-
-    async def sweep_forever(self) -> None:
-        """The periodic sweep, in-process (locally; on Modal a scheduled function runs it)."""
-        while True:
-            try:
-                await asyncio.to_thread(sweep, self.lifecycle, self.outputs, self.settings)
-            except Exception:  # a failed sweep must not stop later ones
-                log.exception("periodic sweep failed")
-            await asyncio.sleep(self.settings.sweep_interval_s)
-
-
-@dataclass(frozen=True)
-class SweepReport:
-    removed: list[str]  # output names deleted
-    expired: list[int]  # jobs whose outputs were deleted
-    failed: list[int]  # stuck jobs failed
-
-
-def sweep(lifecycle: Lifecycle, outputs: OutputStore, settings: Settings) -> SweepReport:
-    """The 24-hour rule and stuck jobs: what every backend's periodic sweep does.
-
-    Outputs past retention are deleted and their jobs expired; jobs queued or running too
-    long are failed (which makes their webhooks due). A function of the stores alone, so
-    `magicmix cleanup` runs it without loading a model.
-    """
-    cutoff = datetime.now(UTC) - timedelta(hours=settings.retention_hours)
-    removed = outputs.delete_older_than(cutoff)
-    expired = lifecycle.expire(cutoff.timestamp())
-    failed = lifecycle.sweep(StaleAfter(settings.stale_queued_s, settings.stale_processing_s))
-    if removed or expired or failed:
-        log.info(
-            "sweep removed %d outputs, expired %d jobs, failed %d stuck jobs",
-            len(removed),
-            len(expired),
-            len(failed),
-        )
-    return SweepReport(removed, expired, [job.id for job in failed])
 
 
 def fingerprint(body: Submission) -> str:

@@ -17,8 +17,6 @@ Delivery never raises for the receiver's sake. The secret and the body are never
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import math
 import time
@@ -26,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx
 from standardwebhooks import Webhook
@@ -39,9 +38,10 @@ from magicmix.inputs.netguard import (
     guarded_async_client,
     redact_url,
 )
-from magicmix.jobs import JobRecord, JobStore, WebhookState
+from magicmix.jobs import JobRecord, WebhookState
 from magicmix.keys import KeyStore
-from magicmix.replies import webhook_body
+from magicmix.replies import webhook_json
+from magicmix.store.base import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _retry_after_s(value: str | None) -> float | None:
 
 
 class WebhookSender:
-    """Makes the due attempts of jobs' webhooks and records each outcome on the job."""
+    """One attempt of one job's webhook, its outcome recorded on the job."""
 
     def __init__(
         self,
@@ -149,16 +149,16 @@ class WebhookSender:
         self._settings = settings
         self._clock = clock
 
-    async def send_due(self, limit: int = 64) -> list[WebhookState]:
-        """One attempt for every webhook due now (up to `limit`, concurrently)."""
-        due = await asyncio.to_thread(self._jobs.webhooks_due, self._clock(), limit)
-        return list(await asyncio.gather(*(self.send(job) for job in due)))
-
-    async def send(self, job: JobRecord) -> WebhookState:
-        """One attempt for `job`'s webhook (which must be owed), recorded before returning."""
+    async def send(self, job: JobRecord) -> WebhookState | None:
+        """One attempt for `job`'s webhook (owed, and leased to this sender), recorded
+        before returning; None when another sender recorded an attempt meanwhile."""
         assert job.webhook is not None and job.params.webhook  # nosec B101 - callers check
         url = job.params.webhook
-        attempt = await self._attempt(job, url)
+        try:
+            attempt = await self._attempt(job, url)
+        except Exception:  # a bug of ours costs this attempt, never the delivery loop
+            log.exception("webhook of job %s: the attempt failed", job.id)
+            attempt = Attempt(None, "internal error while sending", retry=True)
         now = self._clock()
         state = next_state(
             job.webhook,
@@ -167,20 +167,19 @@ class WebhookSender:
             now=now,
             schedule=self._settings.webhook_schedule,
         )
-        await asyncio.to_thread(self._jobs.record_webhook, job.id, state)
+        recorded = await asyncio.to_thread(
+            self._jobs.record_webhook, job.id, state, attempts_before=job.webhook.attempts
+        )
         log.info(
-            "webhook of job %s to %s: attempt %d %s%s",
+            "webhook of job %s to %s: attempt %d %s%s%s",
             job.id,
             redact_url(url),
             state.attempts,
             state.phase,
-            f" ({attempt.error}); next in {state.next_at - now:.0f} s"
-            if state.next_at is not None
-            else f" ({attempt.error})"
-            if attempt.error
-            else "",
+            f" ({attempt.error})" if attempt.error else "",
+            f"; next in {state.next_at - now:.0f} s" if state.next_at is not None else "",
         )
-        return state
+        return state if recorded else None
 
     async def _attempt(self, job: JobRecord, url: str) -> Attempt:
         settings = self._settings
@@ -193,9 +192,7 @@ class WebhookSender:
             return Attempt(None, err.message)
         except MagicMixError as err:  # e.g. the key was removed since the job was made
             return Attempt(None, f"not sent: {err.message}")
-        body = json.dumps(
-            webhook_body(job, retention_hours=settings.retention_hours), separators=(",", ":")
-        ).encode()
+        body = (job.webhook_body or webhook_json(job)).encode()
         # a fresh timestamp each attempt: receivers refuse signatures older than minutes
         headers = sign_headers(secret, message_id(job.id), body, datetime.now(UTC))
         async with guarded_async_client(
@@ -204,35 +201,113 @@ class WebhookSender:
             return await post_once(client, url, body, headers, settings.webhook_timeout_s)
 
 
-class WebhookPump:
-    """Runs a `WebhookSender` in one event loop: at once when nudged, and on schedule.
+class WebhookDelivery:
+    """The one delivery loop, whatever the deployment: due webhooks leased, each attempt
+    on its own.
 
-    `nudge()` may be called from any thread (the lifecycle calls it as jobs end).
+    Attempts run as independent tasks: a slow or failing receiver holds only its own
+    attempt (at most the webhook timeout), never a pass, and no more than `per_key`
+    attempts of one API key run at once here, so one tenant's receivers cannot take every
+    slot. Leases make any number of loops (replicas, Modal's webhook function and sweep)
+    safe together: one attempt at a time per job. `nudge()` may be called from any
+    thread: the lifecycle's notifier calls it as jobs end.
     """
 
-    def __init__(self, sender: WebhookSender, *, idle_s: float) -> None:
+    def __init__(
+        self,
+        sender: WebhookSender,
+        jobs: JobStore,
+        settings: Settings,
+        *,
+        concurrency: int = 256,
+        per_key: int = 16,
+        idle_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._sender = sender
+        self._jobs = jobs
+        self._concurrency = concurrency
+        self._per_key = per_key
         self._idle_s = idle_s
+        self._lease_s = settings.webhook_timeout_s * 3 + 30  # outlives any one attempt
+        self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._flying: dict[asyncio.Task[WebhookState | None], str] = {}  # task -> key id
+        self.attempts = 0
 
-    def nudge(self, jobs: list[JobRecord] | None = None) -> None:
-        if self._loop is None or self._wake is None:
-            return
-        if jobs is None or any(job.webhook is not None for job in jobs):
+    def ended(self, jobs: Sequence[JobRecord]) -> None:
+        """The lifecycle's `Notifier`: jobs with a webhook just ended."""
+        if any(job.webhook is not None for job in jobs):
+            self.nudge()
+
+    def nudge(self) -> None:
+        if self._loop is not None and self._wake is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run_forever(self) -> None:
+        """Deliver for as long as the process runs (a local server's background task)."""
+        await self.run(until=None)
+
+    async def run(self, *, until: float | None) -> int:
+        """Deliver what is due, and what falls due, until `until` (a `clock()` time; None:
+        forever); then wait for the attempts in flight. Returns the attempts made."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        while True:
-            try:
-                sent = await self._sender.send_due()
-            except Exception:  # a failed pass must not stop later ones
-                log.exception("webhook pass failed")
-                sent = []
-            if sent:
-                continue  # more may be due
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._idle_s)
-            self._wake.clear()
+        made = self.attempts
+        try:
+            while True:
+                started = await self._start_due()
+                if until is not None and self._clock() >= until and not started:
+                    break
+                if started:
+                    continue  # more may be due
+                self._wake.clear()
+                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}
+                waiters |= set(self._flying)
+                timeout = self._idle_s
+                if until is not None:
+                    timeout = min(timeout, max(0.0, until - self._clock()))
+                _, pending = await asyncio.wait(
+                    waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in pending - set(self._flying):
+                    waiter.cancel()
+            if self._flying:
+                await asyncio.wait(set(self._flying))
+        finally:
+            self._loop = self._wake = None
+        return self.attempts - made
+
+    async def _start_due(self) -> int:
+        """Lease what is due (up to the free slots) and start an attempt for each."""
+        free = self._concurrency - len(self._flying)
+        if free <= 0:
+            return 0
+        busy = [key for key in set(self._flying.values()) if self._in_flight(key) >= self._per_key]
+        now = self._clock()
+        try:
+            due = await asyncio.to_thread(
+                self._jobs.lease_webhooks,
+                now=now,
+                lease_until=now + self._lease_s,
+                limit=free,
+                skip_keys=busy,
+            )
+        except Exception:  # e.g. the database is briefly away: try again on the next round
+            log.exception("could not take due webhooks")
+            return 0
+        for job in due:
+            task = asyncio.ensure_future(self._sender.send(job))
+            self._flying[task] = job.key_id
+            task.add_done_callback(self._landed)
+        return len(due)
+
+    def _in_flight(self, key_id: str) -> int:
+        return sum(1 for key in self._flying.values() if key == key_id)
+
+    def _landed(self, task: asyncio.Task[WebhookState | None]) -> None:
+        self._flying.pop(task, None)
+        self.attempts += 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook attempt failed: %r", task.exception())

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from magicmix.engine import MagicMixEngine
 from magicmix.engine.builder import build_random_model
 
-pytest_plugins: list[str] = ["tests.s3_server", "tests.service_fixtures"]
+pytest_plugins: list[str] = ["tests.s3_server", "tests.service_fixtures", "tests.db_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,20 @@
-"""The job lifecycle on every store: the same test functions, parametrized over stores.
+"""The store conformance suite: the job lifecycle on SQLite and on PostgreSQL.
 
-Every transition of `lifecycle.TRANSITIONS` and every refused one is exercised on SQLite
-and on the Modal Dict store (run against the in-memory stand-in for `modal.Dict`, named
-so in its param id).
+The same test functions run on both dialects (`database_url` is parametrised): every
+transition of `lifecycle.TRANSITIONS` and every refused one, the bulk statements
+(clear_queue, lapsed claims), batch claims, leases, webhook leases and Idempotency-Keys.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
+from sqlalchemy import event
 
-from magicmix.backends.local.db import Database
-from magicmix.backends.local.jobs import SqliteJobStore
-from magicmix.errors import Busy
+from magicmix.errors import Busy, Conflict
 from magicmix.jobs import (
     Idempotency,
     IdempotencyClaim,
@@ -23,17 +22,14 @@ from magicmix.jobs import (
     JobRecord,
     JobResult,
     JobStatus,
-    JobStore,
     QueueLimits,
     WebhookState,
 )
-from magicmix.lifecycle import TRANSITIONS, Lifecycle, StaleAfter
-from tests.modal_standins import standin_job_store
+from magicmix.lifecycle import TRANSITIONS, Leases, Lifecycle
+from magicmix.store.base import JobStore
+from magicmix.store.database import Database, open_database
+from magicmix.store.jobs import SqlJobStore
 
-STORE_FACTORIES: dict[str, Callable[[Path], JobStore]] = {
-    "sqlite": lambda tmp: SqliteJobStore(Database(tmp / "jobs.sqlite3")),
-    "modal-dict-inmemory-standin": lambda tmp: standin_job_store(tmp / "layouts"),
-}
 Q, P, S, F, C, X = (
     JobStatus.QUEUED,
     JobStatus.PROCESSING,
@@ -42,6 +38,7 @@ Q, P, S, F, C, X = (
     JobStatus.CANCELLED,
     JobStatus.EXPIRED,
 )
+LEASES = Leases(lease_s=30, max_attempts=2)
 
 
 class Clock:
@@ -54,9 +51,26 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=sorted(STORE_FACTORIES))
-def job_store(request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
-    return STORE_FACTORIES[request.param](tmp_path)
+class Recorder:
+    """A `Notifier` that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.jobs: list[JobRecord] = []
+
+    def ended(self, jobs: object) -> None:
+        self.jobs.extend(jobs)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    db = open_database(database_url)
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def job_store(database: Database) -> JobStore:
+    return SqlJobStore(database)
 
 
 @pytest.fixture
@@ -65,13 +79,36 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def ended() -> list[JobRecord]:
-    return []
+def recorder() -> Recorder:
+    return Recorder()
 
 
 @pytest.fixture
-def lifecycle(job_store: JobStore, clock: Clock, ended: list[JobRecord]) -> Lifecycle:
-    return Lifecycle(job_store, QueueLimits(100, 100), listeners=[ended.extend], clock=clock)
+def ended(recorder: Recorder) -> list[JobRecord]:
+    return recorder.jobs
+
+
+@pytest.fixture
+def lifecycle(job_store: JobStore, clock: Clock, recorder: Recorder) -> Lifecycle:
+    return Lifecycle(
+        job_store, QueueLimits(100, 100), notifier=recorder, leases=LEASES, clock=clock
+    )
+
+
+@contextmanager
+def statements(database: Database) -> Iterator[list[str]]:
+    """The SQL statements run on `database` inside the block (transaction control aside)."""
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, sql: str, *args: object) -> None:
+        if not sql.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "SELECT PG_")):
+            seen.append(sql)
+
+    event.listen(database.engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(database.engine, "before_cursor_execute", record)
 
 
 def params(**overrides: object) -> JobParams:
@@ -107,8 +144,13 @@ def create(lifecycle: Lifecycle, key_id: str = "k1", **overrides: object) -> Job
     return lifecycle.create(key_id, params(**overrides), b"image-bytes")
 
 
+def claim(lifecycle: Lifecycle, job_id: int, claimant: str = "worker-1") -> JobRecord | None:
+    claimed = lifecycle.claim({job_id: claimant})
+    return claimed[0] if claimed else None
+
+
 def running(lifecycle: Lifecycle, **overrides: object) -> JobRecord:
-    job = lifecycle.claim(create(lifecycle, **overrides).id, "worker-1")
+    job = claim(lifecycle, create(lifecycle, **overrides).id)
     assert job is not None
     return job
 
@@ -161,25 +203,43 @@ def test_ended_jobs_free_their_queue_room(job_store: JobStore) -> None:
     first = create(lifecycle)
     lifecycle.cancel(first.id)
     second = create(lifecycle)
-    claimed = lifecycle.claim(second.id, "w")
+    claimed = claim(lifecycle, second.id)
     assert claimed is not None and lifecycle.finish(claimed, result()) is not None
     create(lifecycle)
     assert job_store.queue_length() == 1
 
 
+def test_a_refused_insert_leaves_nothing_behind(lifecycle: Lifecycle, job_store: JobStore) -> None:
+    full = Lifecycle(job_store, QueueLimits(max_queue=1, max_per_key=1))
+    kept = create(full)
+    with pytest.raises(Busy):
+        create(full)
+    assert [job.id for job in job_store.active()] == [kept.id]
+    assert create(lifecycle).id > kept.id  # ids move on; none was half-made
+
+
 # -- each allowed transition -----------------------------------------------------------
 
 
-def test_claim_takes_a_queued_job_once(lifecycle: Lifecycle, clock: Clock) -> None:
+def test_claim_takes_a_queued_job_once_with_a_lease(lifecycle: Lifecycle, clock: Clock) -> None:
     job = create(lifecycle)
     clock.now += 5
-    claimed = lifecycle.claim(job.id, "worker-1")
+    claimed = claim(lifecycle, job.id, "worker-1")
     assert claimed is not None and claimed.status is P
     assert claimed.claimant == "worker-1" and claimed.started_at == clock.now
+    assert claimed.lease_until == clock.now + LEASES.lease_s and claimed.run_attempts == 1
     assert lifecycle.store.get(job.id) == claimed
-    assert lifecycle.claim(job.id, "worker-2") is None  # a second runner is refused
-    assert lifecycle.claim(job.id, "worker-1") == claimed  # the same input, retried
-    assert lifecycle.claim(job.id + 99, "worker-1") is None
+    assert claim(lifecycle, job.id, "worker-2") is None  # a second runner is refused
+    again = claim(lifecycle, job.id, "worker-1")  # the same input, retried by Modal
+    assert again is not None and again.run_attempts == 2
+    assert claim(lifecycle, job.id + 99, "worker-1") is None
+
+
+def test_claim_takes_each_job_for_its_own_claimant(lifecycle: Lifecycle) -> None:
+    a, b, c = create(lifecycle), create(lifecycle), create(lifecycle)
+    lifecycle.cancel(c.id)
+    claimed = lifecycle.claim({a.id: "input-a", b.id: "input-b", c.id: "input-c"})
+    assert [(job.id, job.claimant) for job in claimed] == [(a.id, "input-a"), (b.id, "input-b")]
 
 
 def test_finish_records_the_result_drops_the_image_and_tells_listeners(
@@ -189,9 +249,19 @@ def test_finish_records_the_result_drops_the_image_and_tells_listeners(
     clock.now += 3
     done = lifecycle.finish(job, result())
     assert done is not None and done.status is S and done.result == result()
-    assert done.finished_at == clock.now and done.error is None
+    assert done.finished_at == clock.now and done.error is None and done.lease_until is None
     assert lifecycle.store.get(job.id) == done and lifecycle.store.image(job.id) is None
     assert ended == [done] and lifecycle.store.active() == []
+
+
+def test_a_success_fixes_its_webhook_body_when_it_is_recorded(lifecycle: Lifecycle) -> None:
+    job = running(lifecycle, webhook="http://h.invalid/", track_id="t-1")
+    done = lifecycle.finish(job, result())
+    assert done is not None and done.webhook_body is not None
+    assert '"status":"success"' in done.webhook_body and '"track_id":"t-1"' in done.webhook_body
+    assert lifecycle.expire(done.finished_at + 1) == [job.id]  # the outputs go later...
+    expired = lifecycle.store.get(job.id)
+    assert expired is not None and expired.webhook_body == done.webhook_body  # ...not the body
 
 
 @pytest.mark.parametrize("start", [Q, P])
@@ -210,16 +280,18 @@ def test_cancel_ends_a_queued_job(lifecycle: Lifecycle, ended: list[JobRecord]) 
     assert cancelled is not None and cancelled.status is C
     assert cancelled.error == "cancelled by clear_queue" and ended == [cancelled]
     assert lifecycle.store.image(job.id) is None
-    assert [j.id for j in lifecycle.store.webhooks_due(1e12, 10)] == [job.id]
+    leased = lifecycle.store.lease_webhooks(now=1e12, lease_until=1e12 + 60, limit=10)
+    assert [j.id for j in leased] == [job.id]
 
 
 def test_requeue_puts_a_running_job_back(lifecycle: Lifecycle) -> None:
     job = running(lifecycle)
-    again = lifecycle.requeue(job.id)
+    again = lifecycle.requeue(job)
     assert again is not None and again.status is Q and again.claimant is None
-    assert lifecycle.store.image(job.id) == b"image-bytes"
-    claimed = lifecycle.claim(job.id, "worker-2")
+    assert again.lease_until is None and lifecycle.store.image(job.id) == b"image-bytes"
+    claimed = claim(lifecycle, job.id, "worker-2")
     assert claimed is not None and claimed.claimant == "worker-2"
+    assert lifecycle.requeue(job) is None  # worker-1 holds it no more
 
 
 def test_expire_marks_only_old_service_store_successes(
@@ -255,7 +327,7 @@ def test_exactly_one_ended_state_first_writer_wins(
     assert lifecycle.fail(job.id, "the sweep got there first") is not None
     assert lifecycle.finish(job, result()) is None
     assert lifecycle.fail(job.id, "again") is None
-    assert lifecycle.requeue(job.id) is None
+    assert lifecycle.requeue(job) is None
     assert status(lifecycle, job.id) is F and len(ended) == 1
 
 
@@ -266,18 +338,32 @@ def test_a_finish_after_a_cancel_is_refused_and_sends_nothing(
     claimed_view = job.model_copy(update={"status": P, "claimant": "w"})
     assert lifecycle.cancel(job.id) is not None
     assert lifecycle.finish(claimed_view, result()) is None
-    assert lifecycle.claim(job.id, "w") is None  # a cancelled job never starts
+    assert claim(lifecycle, job.id, "w") is None  # a cancelled job never starts
     assert status(lifecycle, job.id) is C and [j.status for j in ended] == [C]
+
+
+def test_a_claimant_whose_claim_passed_on_cannot_end_the_job(
+    lifecycle: Lifecycle, clock: Clock, ended: list[JobRecord]
+) -> None:
+    first = running(lifecycle)
+    clock.now += LEASES.lease_s + 1  # worker-1 hung: its lease lapsed
+    requeued, failed = lifecycle.release_lapsed()
+    assert [j.id for j in requeued] == [first.id] and failed == []
+    second = claim(lifecycle, first.id, "worker-2")
+    assert second is not None
+    assert lifecycle.finish(first, result()) is None  # worker-1 wakes up: refused
+    assert lifecycle.fail(first.id, "late", claimant=first.claimant) is None
+    assert lifecycle.finish(second, result()) is not None and len(ended) == 1
 
 
 def test_refusals_from_each_state(lifecycle: Lifecycle) -> None:
     queued, run = create(lifecycle), running(lifecycle)
     assert lifecycle.finish(queued, result()) is None  # finish needs a claim
-    assert lifecycle.requeue(queued.id) is None
+    assert lifecycle.requeue(queued) is None
     assert lifecycle.cancel(run.id) is None  # a running job is left to finish
     done = lifecycle.finish(run, result())
     assert done is not None
-    assert lifecycle.claim(done.id, "w") is None and lifecycle.cancel(done.id) is None
+    assert claim(lifecycle, done.id, "w") is None and lifecycle.cancel(done.id) is None
     assert lifecycle.fail(done.id, "late") is None
     assert (status(lifecycle, queued.id), status(lifecycle, run.id)) == (Q, S)
 
@@ -292,65 +378,137 @@ def test_the_transition_table_is_enforced(lifecycle: Lifecycle) -> None:
     assert status(lifecycle, job.id) is Q
 
 
-# -- batches, cancel_queued, the sweep ---------------------------------------------------
+# -- batches, clear_queue, leases ---------------------------------------------------------
 
 
-def test_claim_batch_takes_the_oldest_job_and_compatible_ones(lifecycle: Lifecycle) -> None:
+def test_claim_next_takes_the_oldest_job_and_compatible_ones(lifecycle: Lifecycle) -> None:
     a = create(lifecycle)
     b = create(lifecycle, width=512)
     c = create(lifecycle, kmin=0.31)  # int(0.31 * 20) == int(0.3 * 20): same schedule
     d = create(lifecycle)
-    batch = lifecycle.claim_batch(3, "w")
+    batch = lifecycle.claim_next(3, "w")
     assert [j.id for j in batch] == [a.id, c.id, d.id] and all(j.status is P for j in batch)
-    assert [j.id for j in lifecycle.claim_batch(3, "w")] == [b.id]
-    assert lifecycle.claim_batch(3, "w") == []
+    assert all(j.claimant == "w" and j.lease_until for j in batch)
+    assert [j.id for j in lifecycle.claim_next(3, "w")] == [b.id]
+    assert lifecycle.claim_next(3, "w") == []
 
 
-def test_cancel_queued_leaves_other_states_alone(lifecycle: Lifecycle) -> None:
-    queued, run, done = create(lifecycle), running(lifecycle), running(lifecycle)
+def test_cancel_queued_is_one_statement_and_leaves_other_states_alone(
+    lifecycle: Lifecycle, database: Database, ended: list[JobRecord]
+) -> None:
+    queued = [create(lifecycle, webhook="http://h.invalid/") for _ in range(40)]
+    run, done = running(lifecycle), running(lifecycle)
     lifecycle.finish(done, result())
-    assert [job.id for job in lifecycle.cancel_queued()] == [queued.id]
-    assert [status(lifecycle, j.id) for j in (queued, run, done)] == [C, P, S]
+    ended.clear()
+    with statements(database) as ran:
+        cancelled = lifecycle.cancel_queued()
+    assert len(ran) == 1 and ran[0].lstrip().upper().startswith("UPDATE")
+    assert [job.id for job in cancelled] == [job.id for job in queued]
+    assert sorted(j.id for j in ended) == [job.id for job in queued]  # one notification each
+    assert [status(lifecycle, j.id) for j in (run, done)] == [P, S]
+    assert all(lifecycle.store.image(job.id) is None for job in queued)
 
 
-def test_the_sweep_fails_only_stuck_jobs(lifecycle: Lifecycle, clock: Clock) -> None:
-    stale = StaleAfter(queued_s=100, processing_s=50)
+def test_renew_extends_only_claims_still_held(lifecycle: Lifecycle, clock: Clock) -> None:
+    mine, lost = running(lifecycle), running(lifecycle)
+    clock.now += LEASES.lease_s - 1
+    assert lifecycle.renew([mine]) == [mine.id]  # renewed before it lapsed
+    clock.now += 2
+    lifecycle.release_lapsed()  # `lost` lapsed; `mine` was renewed
+    assert status(lifecycle, mine.id) is P and status(lifecycle, lost.id) is Q
+    assert lifecycle.renew([mine, lost]) == [mine.id]
+
+
+def test_lapsed_claims_are_requeued_then_failed_after_max_attempts(
+    lifecycle: Lifecycle, clock: Clock, ended: list[JobRecord]
+) -> None:
+    job = create(lifecycle, webhook="http://h.invalid/")
+    for attempt in range(1, LEASES.max_attempts + 1):
+        claimed = claim(lifecycle, job.id, f"worker-{attempt}")
+        assert claimed is not None and claimed.run_attempts == attempt
+        clock.now += LEASES.lease_s + 1
+        requeued, failed = lifecycle.release_lapsed()
+        if attempt < LEASES.max_attempts:
+            assert [j.id for j in requeued] == [job.id] and failed == []
+    assert requeued == [] and [j.id for j in failed] == [job.id]
+    gone = lifecycle.store.get(job.id)
+    assert gone is not None and gone.status is F and "stopped 2 times" in (gone.error or "")
+    assert [j.id for j in ended] == [job.id]  # its webhook is owed once
+
+
+def test_fail_unstarted_fails_only_old_queued_jobs(lifecycle: Lifecycle, clock: Clock) -> None:
     old_queued, old_running = create(lifecycle), running(lifecycle)
-    clock.now += 60
-    fresh_queued, fresh_running = create(lifecycle), running(lifecycle)
-    assert [j.id for j in lifecycle.sweep(stale)] == [old_running.id]
-    clock.now += 41  # old_queued is 101 s old, fresh ones 41 s
-    assert [j.id for j in lifecycle.sweep(stale)] == [old_queued.id]
+    clock.now += 101
+    fresh = create(lifecycle)
+    assert [j.id for j in lifecycle.fail_unstarted(100)] == [old_queued.id]
     failed = lifecycle.store.get(old_queued.id)
     assert failed is not None and failed.status is F and "did not start" in (failed.error or "")
-    assert status(lifecycle, fresh_queued.id) is Q and status(lifecycle, fresh_running.id) is P
+    assert status(lifecycle, fresh.id) is Q and status(lifecycle, old_running.id) is P
+
+
+def test_queued_lists_old_queued_jobs_for_respawns(lifecycle: Lifecycle, clock: Clock) -> None:
+    old, taken = create(lifecycle), running(lifecycle)
+    clock.now += 10
+    create(lifecycle)
+    lifecycle.store.set_call(old.id, "fc-1")
+    found = lifecycle.store.queued(created_before=clock.now - 5, limit=10)
+    assert [(job.id, job.call_id) for job in found] == [(old.id, "fc-1")] and taken
+
+
+def test_exclusive_has_one_holder_at_a_time(job_store: JobStore) -> None:
+    with (
+        job_store.exclusive("sweep") as first,
+        job_store.exclusive("sweep") as second,
+        job_store.exclusive("other") as other,
+    ):
+        assert (first, second, other) == (True, False, True)
+    with job_store.exclusive("sweep") as again:
+        assert again
 
 
 # -- webhooks -------------------------------------------------------------------------
 
 
-def test_webhooks_are_due_once_ended_until_recorded(lifecycle: Lifecycle, clock: Clock) -> None:
+def lease(store: JobStore, now: float, limit: int = 10) -> list[int]:
+    return [j.id for j in store.lease_webhooks(now=now, lease_until=now + 60, limit=limit)]
+
+
+def test_webhooks_are_due_once_ended_leased_to_one_sender_and_recorded_once(
+    lifecycle: Lifecycle, clock: Clock
+) -> None:
     hooked, plain = create(lifecycle, webhook="http://h.invalid/"), create(lifecycle)
     store = lifecycle.store
-    assert store.webhooks_due(clock.now, 10) == []  # owed, but the job has not ended
+    assert lease(store, clock.now) == []  # owed, but the job has not ended
     lifecycle.fail(hooked.id, "x")
     lifecycle.fail(plain.id, "x")
-    assert [j.id for j in store.webhooks_due(clock.now, 10)] == [hooked.id]
+    assert lease(store, clock.now) == [hooked.id]
+    assert lease(store, clock.now) == []  # leased: a second sender gets nothing
     retry = WebhookState(phase="pending", attempts=1, next_at=clock.now + 5, last_status=503)
-    store.record_webhook(hooked.id, retry)
+    assert store.record_webhook(hooked.id, retry, attempts_before=0)
+    assert not store.record_webhook(hooked.id, retry, attempts_before=0)  # a late twin
     assert store.get(hooked.id).webhook == retry  # type: ignore[union-attr]
-    assert store.webhooks_due(clock.now, 10) == []
-    assert [j.id for j in store.webhooks_due(clock.now + 5, 10)] == [hooked.id]
+    assert lease(store, clock.now) == []
+    assert lease(store, clock.now + 5) == [hooked.id]
     delivered = WebhookState(phase="delivered", attempts=2, last_status=200)
-    store.record_webhook(hooked.id, delivered)
+    assert store.record_webhook(hooked.id, delivered, attempts_before=1)
     assert store.get(hooked.id).webhook == delivered  # type: ignore[union-attr]
-    assert store.webhooks_due(clock.now + 1e6, 10) == []
+    assert lease(store, clock.now + 1e6) == []
 
 
-def test_webhooks_due_respects_the_limit(lifecycle: Lifecycle) -> None:
-    for _ in range(5):
-        lifecycle.fail(create(lifecycle, webhook="http://h.invalid/").id, "x")
-    assert len(lifecycle.store.webhooks_due(1e12, 3)) == 3
+def test_a_lapsed_webhook_lease_is_taken_again(lifecycle: Lifecycle, clock: Clock) -> None:
+    job = create(lifecycle, webhook="http://h.invalid/")
+    lifecycle.fail(job.id, "x")
+    assert lease(lifecycle.store, clock.now) == [job.id]  # its sender died mid-attempt
+    assert lease(lifecycle.store, clock.now + 59) == []
+    assert lease(lifecycle.store, clock.now + 61) == [job.id]
+
+
+def test_webhook_leases_respect_the_limit_and_skip_keys(lifecycle: Lifecycle) -> None:
+    for key in ("k1", "k1", "k2", "k2", "k2"):
+        lifecycle.fail(create(lifecycle, key, webhook="http://h.invalid/").id, "x")
+    some = lifecycle.store.lease_webhooks(now=1e12, lease_until=2e12, limit=10, skip_keys=["k2"])
+    assert [job.key_id for job in some] == ["k1", "k1"]
+    assert len(lease(lifecycle.store, 1e12, limit=2)) == 2  # of the three k2 ones
 
 
 # -- Idempotency-Key ---------------------------------------------------------------------
@@ -358,22 +516,29 @@ def test_webhooks_due_respects_the_limit(lifecycle: Lifecycle) -> None:
 IDEM = Idempotency("client-key-1", "fingerprint-a")
 
 
-def begin(store: JobStore, clock: Clock, idem: Idempotency = IDEM, key_id: str = "k1"):  # type: ignore[no-untyped-def]
+def begin(
+    store: JobStore, clock: Clock, idem: Idempotency = IDEM, key_id: str = "k1"
+) -> IdempotencyClaim:
     return store.begin_idempotent(key_id, idem, now=clock.now, ttl_s=86400, lease_s=120)
+
+
+def unowned(fingerprint: str, job_id: int | None) -> IdempotencyClaim:
+    return IdempotencyClaim(False, fingerprint, job_id)
 
 
 def test_an_idempotency_key_is_claimed_once_then_answers_with_its_job(
     lifecycle: Lifecycle, clock: Clock
 ) -> None:
     store = lifecycle.store
-    assert begin(store, clock).owned
-    assert begin(store, clock) == IdempotencyClaim(False, "fingerprint-a", None)  # 409 case
+    mine = begin(store, clock)
+    assert mine.owned and mine.token
+    assert begin(store, clock) == unowned("fingerprint-a", None)  # 409 case
     other = Idempotency("client-key-1", "fingerprint-b")
     assert begin(store, clock, other).fingerprint == "fingerprint-a"  # 422 case
     assert begin(store, clock, key_id="k2").owned  # per API key
-    job = lifecycle.create("k1", params(), b"img", idempotency=IDEM)
-    assert begin(store, clock) == IdempotencyClaim(False, "fingerprint-a", job.id)
-    lifecycle.release_idempotent("k1", IDEM)  # a bound key is never released
+    job = lifecycle.create("k1", params(), b"img", idempotency=mine)
+    assert begin(store, clock) == unowned("fingerprint-a", job.id)
+    lifecycle.release_idempotent("k1", mine)  # a bound key is never released
     assert begin(store, clock).job_id == job.id
 
 
@@ -381,12 +546,25 @@ def test_a_refused_request_releases_its_key_and_stale_claims_are_taken_over(
     lifecycle: Lifecycle, clock: Clock
 ) -> None:
     store = lifecycle.store
-    assert begin(store, clock).owned
-    lifecycle.release_idempotent("k1", IDEM)
+    first = begin(store, clock)
+    lifecycle.release_idempotent("k1", first)
     assert begin(store, clock).owned  # free again after the release
     clock.now += 121  # the accepting request died: its lease ran out
-    assert begin(store, clock).owned
-    job = lifecycle.create("k1", params(), b"img", idempotency=IDEM)
+    taken = begin(store, clock)
+    assert taken.owned
+    job = lifecycle.create("k1", params(), b"img", idempotency=taken)
     clock.now += 86400 + 1  # past 24 hours even a bound key starts afresh
-    claim = begin(store, clock)
-    assert claim.owned and claim.job_id is None and job.id
+    claim_ = begin(store, clock)
+    assert claim_.owned and claim_.job_id is None and job.id
+
+
+def test_a_claim_taken_over_makes_no_job(lifecycle: Lifecycle, clock: Clock) -> None:
+    slow = begin(lifecycle.store, clock)
+    clock.now += 121  # the first request is slow, past its lease: a resend takes the key
+    fast = begin(lifecycle.store, clock)
+    job = lifecycle.create("k1", params(), b"img", idempotency=fast)
+    with pytest.raises(Conflict):
+        lifecycle.create("k1", params(), b"img", idempotency=slow)
+    assert [j.id for j in lifecycle.store.active()] == [job.id]  # one job for one key
+    lifecycle.release_idempotent("k1", slow)  # the loser cannot free the winner's key
+    assert begin(lifecycle.store, clock).job_id == job.id

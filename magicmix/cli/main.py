@@ -247,19 +247,22 @@ def print_quickstart(key: str, settings: Settings) -> None:
 @app.command()
 def cleanup() -> None:
     """Delete service-store outputs older than MAGICMIX_RETENTION_HOURS; expire their jobs."""
-    from magicmix.backends.local.compose import open_lifecycle
-    from magicmix.outputs.store import open_store
-    from magicmix.service import sweep
+    import asyncio
 
-    settings = get_settings()
-    report = sweep(open_lifecycle(settings), open_store(settings), settings)
+    from magicmix.backends.local.compose import open_sweeper
+
+    report = asyncio.run(open_sweeper(get_settings()).run_once())
+    if not report.ran:
+        raise fail("another process is sweeping this database right now; try again shortly")
     for name in report.removed:
         typer.echo(f"removed {name}")
     typer.echo(
         f"removed {len(report.removed)} outputs, expired {len(report.expired)} jobs,"
-        f" failed {len(report.failed)} stuck jobs",
+        f" requeued {len(report.requeued)} and failed {len(report.failed)} stuck jobs",
         err=True,
     )
+    if report.errors:
+        raise fail(f"some steps failed: {', '.join(report.errors)} (see the log)")
 
 
 def main() -> None:

@@ -1,44 +1,46 @@
-"""The local composition root: SQLite jobs and keys, a worker thread, the configured store.
+"""The local composition root: the SQL store, a worker thread, the configured output store.
 
-`magicmix serve` runs `build_local_service`; the CLI's key and cleanup commands use the
+`magicmix serve` runs `build_local_service`; any number of them given the same database
+URL and output store are one service (each replica's worker claims work, any replica
+answers any job, one sweep runs at a time). The CLI's key and cleanup commands use the
 smaller pieces, so they never load a model or import torch.
 """
 
 from __future__ import annotations
 
-from magicmix.backends.local.db import Database
-from magicmix.backends.local.jobs import SqliteJobStore
-from magicmix.backends.local.keys import SqliteKeyStore
 from magicmix.backends.local.worker import LocalWorker
 from magicmix.config import Settings
-from magicmix.crypto import SecretBox
 from magicmix.families import resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import QueueLimits
-from magicmix.lifecycle import Lifecycle
+from magicmix.lifecycle import Leases, Lifecycle
 from magicmix.logs import configure_logging
 from magicmix.outputs.store import open_store
 from magicmix.runner import Engine, JobRunner
 from magicmix.service import MagicMixService
-from magicmix.webhooks import WebhookPump, WebhookSender
-
-WEBHOOK_IDLE_S = 2.0  # how often the local pump looks for due retries
+from magicmix.store.keys import SqlKeyStore
+from magicmix.store.stores import open_stores
+from magicmix.sweep import Sweeper
+from magicmix.webhooks import WebhookDelivery, WebhookSender
 
 
 def queue_limits(settings: Settings) -> QueueLimits:
     return QueueLimits(settings.max_queue, settings.max_queued_per_key)
 
 
-def open_key_store(settings: Settings) -> SqliteKeyStore:
-    secret = settings.secret_key_bytes()
-    return SqliteKeyStore(
-        Database(settings.database_path), SecretBox(secret), secret, settings.static_api_keys
-    )
+def leases(settings: Settings) -> Leases:
+    return Leases(lease_s=settings.lease_s, max_attempts=settings.max_run_attempts)
 
 
-def open_lifecycle(settings: Settings) -> Lifecycle:
-    """The job lifecycle over the local database, without a worker (for `magicmix cleanup`)."""
-    return Lifecycle(SqliteJobStore(Database(settings.database_path)), queue_limits(settings))
+def open_key_store(settings: Settings) -> SqlKeyStore:
+    return open_stores(settings).keys
+
+
+def open_sweeper(settings: Settings) -> Sweeper:
+    """The sweep over the configured stores, without a worker (for `magicmix cleanup`)."""
+    stores = open_stores(settings)
+    lifecycle = Lifecycle(stores.jobs, queue_limits(settings), leases=leases(settings))
+    return Sweeper(lifecycle, open_store(settings), settings)
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -51,17 +53,18 @@ def load_engine(settings: Settings) -> Engine:
 def build_local_service(settings: Settings) -> MagicMixService:
     """Everything `magicmix serve` runs, in this process."""
     configure_logging(settings.log_level)
-    secret = settings.secret_key_bytes()
-    box = SecretBox(secret)
-    db = Database(settings.database_path)
-    jobs = SqliteJobStore(db)
-    keys = SqliteKeyStore(db, box, secret, settings.static_api_keys)
-    lifecycle = Lifecycle(jobs, queue_limits(settings))
+    stores = open_stores(settings)
+    lifecycle = Lifecycle(stores.jobs, queue_limits(settings), leases=leases(settings))
     outputs = open_store(settings)
     family = resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
     links = HttpLinks(settings.public_url)
     runner = JobRunner(
-        settings=settings, lifecycle=lifecycle, outputs=outputs, keys=keys, box=box, links=links
+        settings=settings,
+        lifecycle=lifecycle,
+        outputs=outputs,
+        keys=stores.keys,
+        box=stores.box,
+        links=links,
     )
     worker = LocalWorker(
         family=family,
@@ -71,18 +74,20 @@ def build_local_service(settings: Settings) -> MagicMixService:
         batch_size=settings.batch_size,
         batch_wait_s=settings.batch_wait_ms / 1000,
     )
-    pump = WebhookPump(WebhookSender(jobs, keys, settings), idle_s=WEBHOOK_IDLE_S)
-    lifecycle.listen(pump.nudge)
+    delivery = WebhookDelivery(
+        WebhookSender(stores.jobs, stores.keys, settings), stores.jobs, settings
+    )
+    lifecycle.notifiers.add(delivery)
     service = MagicMixService(
         settings=settings,
         lifecycle=lifecycle,
-        keys=keys,
+        keys=stores.keys,
         outputs=outputs,
         dispatcher=worker,
-        box=box,
+        box=stores.box,
         links=links,
         family=family,
     )
-    service.add_background(pump.run_forever)
-    service.add_background(service.sweep_forever)
+    service.add_background(delivery.run_forever)
+    service.add_background(Sweeper(lifecycle, outputs, settings).run_forever)
     return service

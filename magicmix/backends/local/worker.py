@@ -1,10 +1,15 @@
-"""The local dispatcher: one thread that owns the engine and drains the SQLite queue.
+"""The local dispatcher: one thread that owns the engine and drains the shared queue.
 
 It claims the oldest queued job plus compatible ones (up to `batch_size`) through the
-lifecycle and runs them as one UNet batch. When it wakes from idle it waits
-`batch_wait_ms` first, so requests arriving together share a batch; when busy, the queue
-fills while it works. Waiters are woken by the lifecycle's listener (`JobWaiters`), so a
-request's sync wait ends the moment its job does.
+lifecycle, holds the claims while the batch runs (`Lifecycle.holding` renews them), and
+runs them as one UNet batch. When it wakes from idle it waits `batch_wait_ms` first, so
+requests arriving together share a batch; when busy, the queue fills while it works.
+Any number of these workers (one per `magicmix serve` replica) may share one database:
+claims are atomic, and a worker that dies leaves claims that lapse and are requeued by
+the sweep, so no worker ever takes back another's running job.
+
+Waiters on a job that ends in this process are woken at once (`JobWaiters`, a
+lifecycle `Notifier`); a job another replica runs is seen by polling.
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from magicmix.backends.base import EngineInfo
 from magicmix.jobs import JobRecord
 from magicmix.lifecycle import Lifecycle
 from magicmix.runner import Engine, JobRunner
-from magicmix.service import EngineInfo
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +39,8 @@ class JobWaiters:
         self._waiting: dict[int, set[asyncio.Future[None]]] = {}
 
     async def wait(self, job_id: int, timeout: float, *, ended: Callable[[], bool]) -> None:
-        """Until the job ends or `timeout` passes; `ended` is checked after registering,
-        so an end between the caller's read and this call is never missed."""
+        """Until the job ends here or `timeout` passes; `ended` is checked after
+        registering, so an end between the caller's read and this call is never missed."""
         self._loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = self._loop.create_future()
         self._waiting.setdefault(job_id, set()).add(future)
@@ -48,8 +55,8 @@ class JobWaiters:
             if not waiting:
                 self._waiting.pop(job_id, None)
 
-    def notify(self, jobs: list[JobRecord]) -> None:
-        """The lifecycle's listener: called once per job that ended, from its thread."""
+    def ended(self, jobs: Sequence[JobRecord]) -> None:
+        """The lifecycle's `Notifier`: called once per job that ended, from its thread."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake, [job.id for job in jobs])
 
@@ -72,6 +79,7 @@ class LocalWorker:
         family: str,
         batch_size: int,
         batch_wait_s: float,
+        poll_s: float = 1.0,
     ) -> None:
         self._lifecycle = lifecycle
         self._runner = runner
@@ -79,9 +87,10 @@ class LocalWorker:
         self._family = family
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_s
-        self._claimant = f"local:{os.getpid()}"
+        self._poll_s = poll_s  # how soon a job ended by another replica is noticed
+        self.claimant = f"local:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.waiters = JobWaiters()
-        lifecycle.listen(self.waiters.notify)
+        lifecycle.notifiers.add(self.waiters)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -93,11 +102,8 @@ class LocalWorker:
     # -- the Dispatcher seam ----------------------------------------------------------
 
     def start(self) -> None:
-        """Requeue what a dead process left running (one local server owns the database)."""
-        interrupted = [job for job in self._lifecycle.store.active() if job.claimant]
-        requeued = [job for job in interrupted if self._lifecycle.requeue(job.id)]
-        if requeued:
-            log.info("requeued %d jobs interrupted by the last shutdown", len(requeued))
+        """Start the worker thread. Nothing is requeued here: claims a dead process left
+        lapse and the sweep requeues them, whichever replica sweeps."""
         self._thread = threading.Thread(target=self._loop, name="magicmix-worker", daemon=True)
         self._thread.start()
 
@@ -115,10 +121,7 @@ class LocalWorker:
             job = self._lifecycle.store.get(job_id)
             return job is None or job.status.is_terminal
 
-        await self.waiters.wait(job_id, timeout, ended=ended)
-
-    async def cancel(self, job_ids: list[int]) -> None:
-        """Nothing to stop: a cancelled job can no longer be claimed, and claims are atomic."""
+        await self.waiters.wait(job_id, min(timeout, self._poll_s), ended=ended)
 
     def describe(self) -> EngineInfo:
         if self.engine is None:
@@ -176,14 +179,15 @@ class LocalWorker:
         return True
 
     def _drain_one_batch(self) -> bool:
-        batch = self._lifecycle.claim_batch(self._batch_size, self._claimant)
+        batch = self._lifecycle.claim_next(self._batch_size, self.claimant)
         if not batch:
             return False
         assert self.engine is not None  # nosec B101 - loaded before the loop
         try:
-            self._runner.run(self.engine, batch)
+            with self._lifecycle.holding(batch):
+                self._runner.run(self.engine, batch)
         except Exception:  # the runner ends jobs itself; this is a bug guard
             log.exception("worker failed on jobs %s", [job.id for job in batch])
             for job in batch:
-                self._lifecycle.fail(job.id, "internal error")
+                self._lifecycle.fail(job.id, "internal error", claimant=job.claimant)
         return True

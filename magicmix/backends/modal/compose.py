@@ -1,68 +1,99 @@
 """The Modal composition roots: what each kind of container builds, and nothing more.
 
-- `web_service`: the service behind the FastAPI app (web function; no torch).
-- `gpu_parts`: the lifecycle and runner of the GPU class (the engine is `gpu.py`'s).
-- `deliver_webhooks` and `sweep`: the bodies of the webhook and scheduled functions.
+Every container opens the same SQL store (`MAGICMIX_DATABASE_URL`, a managed PostgreSQL:
+containers share no disk) and builds the same lifecycle over it; Modal holds no state.
 
-Every container builds the same `ModalParts` from the same Dicts and settings; only the
-web container builds a service, and only the GPU container an engine.
+- `web_service`: the service behind the FastAPI app (web function; no torch);
+- `job_runner`: the GPU class's runner (the engine is `gpu.py`'s);
+- `deliver_webhooks`, `run_sweep`: the bodies of the webhook and scheduled functions.
+
+Connections are opened on first use, inside the function bodies and post-snapshot
+`enter` methods that call `modal_parts`, never at import: a memory snapshot holds none.
+Each function passes the pool it needs (`POOLS`), so the database's connection limit
+can be budgeted (docs/deploy.md, "Database connections").
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
-from urllib.parse import urlsplit
 
+from magicmix.backends.base import EngineInfo
 from magicmix.backends.modal.dispatch import GpuCalls, ModalDispatcher
-from magicmix.backends.modal.state import BlobStore, DictJobStore, DictKeyStore, ModalState
 from magicmix.config import Settings
-from magicmix.crypto import SecretBox
 from magicmix.families import Family, resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits
 from magicmix.keys import key_action
-from magicmix.lifecycle import Lifecycle
+from magicmix.lifecycle import Leases, Lifecycle
 from magicmix.logs import configure_logging
-from magicmix.outputs.s3 import make_s3_client
-from magicmix.outputs.store import OutputStore, S3Store, open_store
+from magicmix.outputs.store import OutputStore, open_store
 from magicmix.runner import JobRunner
-from magicmix.service import EngineInfo, MagicMixService, SweepReport, sweep
-from magicmix.webhooks import WebhookSender
+from magicmix.service import MagicMixService
+from magicmix.store.database import PoolSize
+from magicmix.store.stores import Stores, open_stores
+from magicmix.sweep import Sweeper, SweepReport
+from magicmix.webhooks import WebhookDelivery, WebhookSender
 
 log = logging.getLogger(__name__)
 
-CREATE_GRACE_S = 600.0  # a job id claimed this long ago with no record: its create crashed
-RESPAWN_AFTER_S = 120.0  # a queued job this old with no spawned call: the spawn was lost
-SEND_AGAIN_WITHIN_S = 60.0  # the webhook function waits for retries due this soon itself
+SEND_AGAIN_WITHIN_S = 60.0  # the webhook function stays for retries due this soon itself
+# Connections per container of each function: the web function serves 64 requests at once,
+# each holding a connection only for one short statement; the GPU class needs its batch's
+# statements, the lease heartbeat and the output stores' threads.
+POOLS = {
+    "web": PoolSize(size=10, overflow=10),
+    "gpu": PoolSize(size=2, overflow=4),
+    "webhooks": PoolSize(size=4, overflow=4),
+    "sweep": PoolSize(size=2, overflow=4),
+    "keys": PoolSize(size=1, overflow=0),
+}
 
 
 @dataclass
 class WebhookNudges:
-    """Jobs that ended here with a webhook, handed to the webhook function in one spawn."""
+    """The lifecycle's `Notifier` on Modal: jobs that ended here with a webhook start the
+    webhook function (one spawn per statement that ended jobs, or per `batch()` block)."""
 
-    spawn: Callable[[list[int]], object]
-    pending: list[int] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    spawn: Callable[[], object]
+    _held: int = 0
+    _owed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, jobs: list[JobRecord]) -> None:
-        with self.lock:
-            self.pending += [job.id for job in jobs if job.webhook is not None]
+    def ended(self, jobs: Sequence[JobRecord]) -> None:
+        if not any(job.webhook is not None for job in jobs):
+            return
+        with self._lock:
+            self._owed = True
+            if self._held:
+                return
+        self._flush()
 
-    def flush(self) -> None:
-        with self.lock:
-            ids, self.pending = self.pending, []
-        if ids:
-            try:
-                self.spawn(ids)
-            except Exception:  # the sweep sends what is due anyway
-                log.exception("could not spawn the webhook function for jobs %s", ids)
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Ends inside the block start the webhook function once, at its end."""
+        with self._lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            if self._held or not self._owed:
+                return
+            self._owed = False
+        try:
+            self.spawn()
+        except Exception:  # the sweep delivers what is due anyway
+            log.exception("could not spawn the webhook function")
 
 
 @dataclass(frozen=True)
@@ -70,10 +101,7 @@ class ModalParts:
     """What every container shares: settings, stores, the lifecycle."""
 
     settings: Settings
-    box: SecretBox
-    state: ModalState
-    jobs: DictJobStore
-    keys: DictKeyStore
+    stores: Stores
     lifecycle: Lifecycle
     outputs: OutputStore
     links: HttpLinks
@@ -93,47 +121,45 @@ def modal_settings(web_url: str | None) -> Settings:
     return settings
 
 
-def layouts_store(settings: Settings) -> S3Store:
-    """Layout images wait for their run in the service bucket, beside the outputs."""
-    parts = urlsplit(settings.store_url or "")
-    prefix = f"{parts.path.strip('/')}/layouts/".lstrip("/")
-    client = make_s3_client(settings.s3_endpoint_url, allow_private=True)
-    return S3Store(parts.netloc, prefix, client=client)
-
-
 def modal_parts(
-    settings: Settings,
-    dicts: dict[str, Any],
-    spawn_webhooks: Callable[[list[int]], object],
-    *,
-    layouts: BlobStore | None = None,
+    settings: Settings, spawn_webhooks: Callable[[], object], *, pool: PoolSize
 ) -> ModalParts:
     """The shared parts; refuses settings that cannot work on Modal."""
-    if settings.secret_key is None:
+    missing = [
+        name
+        for name, value in (
+            ("MAGICMIX_SECRET_KEY", settings.secret_key),
+            ("MAGICMIX_DATABASE_URL", settings.database_url),
+        )
+        if value is None
+    ]
+    if missing:
         raise RuntimeError(
-            "MAGICMIX_SECRET_KEY is not set: add it to the `magicmix` Modal secret (every"
-            " container must share it, or stored S3 details cannot be decrypted)"
+            f"{' and '.join(missing)} not set: add them to the `magicmix` Modal secret (every"
+            " container must share the database and the secret; docs/deploy.md step 2)"
         )
     if not (settings.store_url or "").startswith("s3://"):
         raise RuntimeError(
             "MAGICMIX_STORE_URL must be s3://bucket/prefix on Modal (containers share no"
             " disk): add it to the `magicmix-s3` Modal secret"
         )
+    if settings.effective_database_url.startswith("sqlite"):
+        raise RuntimeError(
+            "MAGICMIX_DATABASE_URL must be a PostgreSQL URL on Modal (containers share no"
+            " disk): postgresql://user:password@host:port/db"
+        )
     configure_logging(settings.log_level)
-    state = ModalState(**dicts, layouts=layouts or layouts_store(settings))
-    secret = settings.secret_key_bytes()
-    box = SecretBox(secret)
-    jobs = DictJobStore(state)
+    stores = open_stores(settings, pool=pool)
     nudges = WebhookNudges(spawn_webhooks)
     lifecycle = Lifecycle(
-        jobs, QueueLimits(settings.max_queue, settings.max_queued_per_key), listeners=[nudges.add]
+        stores.jobs,
+        QueueLimits(settings.max_queue, settings.max_queued_per_key),
+        notifier=nudges,
+        leases=Leases(lease_s=settings.lease_s, max_attempts=settings.max_run_attempts),
     )
     return ModalParts(
         settings=settings,
-        box=box,
-        state=state,
-        jobs=jobs,
-        keys=DictKeyStore(state.keys, box, secret, settings.static_api_keys),
+        stores=stores,
         lifecycle=lifecycle,
         outputs=open_store(settings),
         links=HttpLinks(settings.public_url),
@@ -145,7 +171,6 @@ def dispatcher(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> ModalDispa
     dtype = "float16" if parts.settings.dtype == "auto" else parts.settings.dtype
     return ModalDispatcher(
         lifecycle=parts.lifecycle,
-        calls=parts.state.jobs,
         gpu=gpu,
         engine=EngineInfo(
             model=parts.settings.model,
@@ -153,7 +178,6 @@ def dispatcher(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> ModalDispa
             device=f"cuda ({gpu_name} on Modal)",
             dtype=dtype,
         ),
-        flush_webhooks=parts.nudges.flush,
     )
 
 
@@ -162,10 +186,10 @@ def web_service(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> MagicMixS
     return MagicMixService(
         settings=parts.settings,
         lifecycle=parts.lifecycle,
-        keys=parts.keys,
+        keys=parts.stores.keys,
         outputs=parts.outputs,
         dispatcher=dispatcher(parts, gpu, gpu_name=gpu_name),
-        box=parts.box,
+        box=parts.stores.box,
         links=parts.links,
         family=parts.family,
     )
@@ -177,67 +201,56 @@ def job_runner(parts: ModalParts) -> JobRunner:
         settings=parts.settings,
         lifecycle=parts.lifecycle,
         outputs=parts.outputs,
-        keys=parts.keys,
-        box=parts.box,
+        keys=parts.stores.keys,
+        box=parts.stores.box,
         links=parts.links,
     )
 
 
-async def deliver_webhooks(parts: ModalParts, job_ids: list[int]) -> None:
-    """The webhook function: attempt each due webhook now, and the retries due within a minute.
+def delivery(parts: ModalParts) -> WebhookDelivery:
+    sender = WebhookSender(parts.stores.jobs, parts.stores.keys, parts.settings)
+    return WebhookDelivery(sender, parts.stores.jobs, parts.settings)
 
-    Later retries are the sweep's (every few minutes), so no container waits for hours.
+
+async def deliver_webhooks(parts: ModalParts) -> int:
+    """The webhook function: every webhook due, and the retries due within a minute.
+
+    Later retries are the sweep's (every few minutes), so no container waits for hours;
+    deliveries are leased, so this function, its other runs and the sweep never send one
+    attempt twice.
     """
-    sender = WebhookSender(parts.jobs, parts.keys, parts.settings)
-    deadline = time.time() + SEND_AGAIN_WITHIN_S
-    todo = job_ids
-    while todo:
-        jobs = await asyncio.gather(*(asyncio.to_thread(parts.jobs.get, i) for i in todo))
-        now = time.time()
-        ready = [job for job in jobs if job is not None and _due(job, now)]
-        states = await asyncio.gather(*(sender.send(job) for job in ready))
-        later = [
-            (state.next_at, job.id)
-            for job, state in zip(ready, states, strict=True)
-            if state.phase == "pending" and state.next_at is not None and state.next_at <= deadline
-        ]
-        if not later:
-            return
-        await asyncio.sleep(max(0.0, min(at for at, _ in later) - time.time()))
-        todo = [job_id for _, job_id in later]
+    return await delivery(parts).run(until=time.time() + SEND_AGAIN_WITHIN_S)
 
 
 async def run_sweep(parts: ModalParts, dispatch: ModalDispatcher) -> SweepReport:
-    """The scheduled function: repair crashes, expire outputs, fail or respawn stuck jobs,
-    send due webhooks, and keep the key entries from lapsing."""
-    now = time.time()
-    repaired = await asyncio.to_thread(parts.jobs.repair, now, grace_s=CREATE_GRACE_S)
-    report = await asyncio.to_thread(sweep, parts.lifecycle, parts.outputs, parts.settings)
-    active = await asyncio.to_thread(parts.jobs.active)
-    respawned = await dispatch.respawn_stuck(active, older_than_s=RESPAWN_AFTER_S)
-    sent = await WebhookSender(parts.jobs, parts.keys, parts.settings).send_due(limit=512)
-    await asyncio.to_thread(parts.keys.keep_alive)
-    # an image outlives its job only after a crash; none is needed past the queued limit
-    cutoff = datetime.now(UTC) - timedelta(seconds=parts.settings.stale_queued_s * 2)
-    layouts = await asyncio.to_thread(parts.state.layouts.delete_older_than, cutoff)
-    log.info(
-        "sweep: repaired %d, respawned %d, webhooks sent %d, old layouts removed %d",
-        len(repaired),
-        len(respawned),
-        len(sent),
-        len(layouts),
+    """The scheduled function: the shared sweep, plus re-spawning lost GPU calls and
+    sending the webhooks due now."""
+
+    async def webhooks() -> int:
+        return await delivery(parts).run(until=time.time())
+
+    sweeper = Sweeper(
+        parts.lifecycle,
+        parts.outputs,
+        parts.settings,
+        steps=[("respawn", dispatch.respawn_lost), ("webhooks", webhooks)],
     )
+    report = await sweeper.run_once()
+    log.info("sweep: %s", {"ran": report.ran, **report.extra, "errors": report.errors})
     return report
 
 
-def _due(job: JobRecord, now: float) -> bool:
-    return job.webhook_due and (job.webhook is None or (job.webhook.next_at or 0) <= now)
-
-
 def manage_keys(parts: ModalParts, action: str, *, key_id: str = "", admin: bool = False) -> str:
-    """`magicmix keys` against the deployed app: what `keys.key_action` prints.
+    """`modal run modal_app.py::keys`: what `magicmix keys` prints, on the deployment's store.
 
     Runs in a Modal function (it needs the service secret to hash keys and encrypt their
     webhook secrets); the new key travels back as the function's result, never in a log.
+    Errors travel back as plain `RuntimeError`s: a laptop with only `modal` installed
+    cannot unpickle magicmix's own exceptions.
     """
-    return key_action(parts.keys, action, key_id=key_id, admin=admin)
+    from magicmix.errors import MagicMixError
+
+    try:
+        return key_action(parts.stores.keys, action, key_id=key_id, admin=admin)
+    except MagicMixError as err:
+        raise RuntimeError(err.message) from None

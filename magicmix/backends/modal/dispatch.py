@@ -1,11 +1,15 @@
-"""The web side's `Dispatcher` on Modal: jobs run in the GPU class, spawned per job.
+"""The web side's `Dispatcher` on Modal: jobs run in the GPU class, one spawned input each.
 
 Each spawn gets a token (`"JOB:TOKEN"` is the GPU method's input), and the token is the
 claimant of the job's run: Modal's retry of that input re-claims its own job, while a
-second input for the same job (a re-spawn by the sweep) finds it taken and skips. The
-spawned call's id is kept in the `jobs` Dict (`call:N`), so any web container can wait
-on it, and a cancel (clear_queue) can cancel it. Waiting is on the call itself: it
-returns when the GPU answered, then the service re-reads the job from the Dict.
+second input for the same job (a re-spawn) finds it taken and skips it. The spawned
+call's id is kept on the job (`call_id`), so any web container can wait on it and the
+sweep can tell a lost call from a live one.
+
+Nothing here ever cancels a GPU call: every input of one `@modal.batched` call shares
+one context, and cancelling any of them terminates the whole batch, other keys' jobs
+included (modal `_runtime/container_io_manager.py`, `FunctionCall.cancel`). A job that
+clear_queue cancels is simply a state its input finds when it tries to claim it.
 """
 
 from __future__ import annotations
@@ -14,29 +18,29 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from typing import Protocol
 
-from magicmix.backends.modal.state import DictLike
-from magicmix.jobs import JobRecord, JobStatus
+from magicmix.backends.base import EngineInfo
+from magicmix.jobs import JobRecord
 from magicmix.lifecycle import Lifecycle
-from magicmix.service import EngineInfo
 
 log = logging.getLogger(__name__)
 
+RESPAWN_AFTER_S = 120.0  # a queued job this old whose call is gone or over is spawned again
+RESPAWN_CHECKS = 64  # calls looked at per sweep, oldest jobs first
+
 
 class GpuCalls(Protocol):
-    """Spawning and following GPU runs: Modal's `FunctionCall`s, or a stand-in in tests."""
+    """Spawning and following GPU runs: Modal's `FunctionCall`s (`calls.ModalGpuCalls`)."""
 
     async def spawn(self, job_input: str) -> str:
         """Start `MagicMix.run(job_input)`; the spawned call's id."""
         ...
 
-    async def wait(self, call_id: str, timeout: float) -> None:
-        """Return when the call ended or `timeout` passed; raise if the run crashed."""
+    async def wait(self, call_id: str, timeout: float) -> bool:
+        """Wait up to `timeout` for the call to end; whether it has ended (returned,
+        failed for good, or is unknown to Modal)."""
         ...
-
-    async def cancel(self, call_id: str) -> None: ...
 
 
 def job_input(job_id: int, token: str) -> str:
@@ -49,23 +53,20 @@ def parse_job_input(value: str) -> tuple[int, str]:
 
 
 class ModalDispatcher:
-    """Hands jobs to the GPU class and follows their calls; state stays in the Dicts."""
+    """Hands jobs to the GPU class and follows their calls; state stays in the store."""
 
     def __init__(
         self,
         *,
         lifecycle: Lifecycle,
-        calls: DictLike,
         gpu: GpuCalls,
         engine: EngineInfo,
-        flush_webhooks: Callable[[], None],
         poll_s: float = 1.0,
     ) -> None:
         self._lifecycle = lifecycle
-        self._calls = calls
+        self._store = lifecycle.store
         self._gpu = gpu
         self._engine = engine
-        self._flush_webhooks = flush_webhooks
         self._poll_s = poll_s
 
     def start(self) -> None:
@@ -80,58 +81,46 @@ class ModalDispatcher:
         except Exception:
             log.exception("could not spawn the GPU run of job %s", job.id)
             await asyncio.to_thread(
-                self._lifecycle.fail, job.id, "the job could not be started on a GPU; please retry"
+                self._lifecycle.fail,
+                job.id,
+                "the job could not be started on a GPU; please retry",
+                expected={job.status},
             )
-            await asyncio.to_thread(self._flush_webhooks)  # a spawn: a blocking Modal call
             return
-        await asyncio.to_thread(self._calls.put, f"call:{job.id}", call_id)
+        await asyncio.to_thread(self._store.set_call, job.id, call_id)
 
     async def wait(self, job_id: int, timeout: float) -> None:
-        call_id = await asyncio.to_thread(self._calls.get, f"call:{job_id}")
-        if call_id is None:  # not spawned (yet): poll the store
-            await asyncio.sleep(min(timeout, self._poll_s))
-            return
+        """Wait on the job's call while it runs; once the call is over (or there is none
+        yet), poll the store every `poll_s`. Never returns at once while the job is
+        active, so a waiter does at most a few store reads and one Modal call a second."""
         started = time.monotonic()
-        try:
-            await self._gpu.wait(call_id, timeout)
-        except Exception:  # our code ends every job it claims: this is a dead container
-            log.exception("GPU run of job %s crashed", job_id)
-            failed = await asyncio.to_thread(
-                self._lifecycle.fail, job_id, "the GPU worker stopped while running this job"
-            )
-            if failed is not None:
-                await asyncio.to_thread(self._flush_webhooks)
-            await asyncio.sleep(max(0.0, min(self._poll_s, timeout - (time.monotonic() - started))))
+        job = await asyncio.to_thread(self._store.get, job_id)
+        if job is None or job.status.is_terminal:
+            return
+        if job.call_id is not None:
+            ended = await self._gpu.wait(job.call_id, timeout)
+            if not ended:
+                return  # the whole timeout went by with the call still running
+            job = await asyncio.to_thread(self._store.get, job_id)
+            if job is None or job.status.is_terminal:
+                return
+        # the call is over (retried by Modal, re-spawned by the sweep) or not made yet
+        left = timeout - (time.monotonic() - started)
+        await asyncio.sleep(max(0.0, min(self._poll_s, left)))
 
-    async def cancel(self, job_ids: list[int]) -> None:
-        """Cancel the spawned calls of cancelled jobs, so no GPU starts to skip them.
-
-        Best effort: a call already inside a running batch cancels that batch (Modal
-        cancels a batch as one); the GPU side then requeues the jobs it had claimed.
-        """
-        await asyncio.to_thread(self._flush_webhooks)
-        for job_id in job_ids:
-            call_id = await asyncio.to_thread(self._calls.get, f"call:{job_id}")
-            if call_id is None:
-                continue
-            try:
-                await self._gpu.cancel(call_id)
-            except Exception:  # the call may be finished or expired already
-                log.warning("could not cancel the GPU call of job %s", job_id)
-
-    async def respawn_stuck(self, jobs: list[JobRecord], *, older_than_s: float) -> list[int]:
-        """Spawn again queued jobs whose spawn was lost (the sweep calls this)."""
-        now = time.time()
-        stuck = [
-            job
-            for job in jobs
-            if job.status is JobStatus.QUEUED
-            and job.created_at < now - older_than_s
-            and await asyncio.to_thread(self._calls.get, f"call:{job.id}") is None
-        ]
-        for job in stuck:
+    async def respawn_lost(self) -> list[int]:
+        """Spawn again queued jobs whose call is gone: never made (the spawn failed after
+        the insert), over (Modal gave up on it, then its claim lapsed and the sweep
+        requeued the job), or unknown (`modal app stop`, a call past its 7 days)."""
+        old = await asyncio.to_thread(
+            self._store.queued, created_before=time.time() - RESPAWN_AFTER_S, limit=RESPAWN_CHECKS
+        )
+        lost = [job for job in old if job.call_id is None or await self._gpu.wait(job.call_id, 0)]
+        for job in lost:
             await self.submit(job)
-        return [job.id for job in stuck]
+        if lost:
+            log.warning("re-spawned the GPU runs of jobs %s", [job.id for job in lost])
+        return [job.id for job in lost]
 
     def describe(self) -> EngineInfo:
         return self._engine

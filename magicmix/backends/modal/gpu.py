@@ -1,23 +1,30 @@
-"""The GPU class's body: batches of jobs through the engine.
+"""The GPU class's body: the jobs of one `@modal.batched` call through the engine.
 
 `modal_app.py` loads the engine with `magicmix.engine.configure` (the snapshot half, then
-the CUDA half) in the GPU image alone; this module builds on `compose.modal_parts` (the
+the device half) in the GPU image alone; this module builds on `compose.modal_parts` (the
 same lifecycle and runner as every container) and builds no service.
+
+Modal's batcher hands over inputs of any kind together; the runner groups them by
+schedule, so jobs that cannot share a UNet batch run one group after another and a group
+that fails fails only its own jobs.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from magicmix.backends.modal.compose import ModalParts, job_runner
 from magicmix.backends.modal.dispatch import parse_job_input
-from magicmix.jobs import JobRecord
+from magicmix.jobs import JobRecord, JobStatus
 from magicmix.runner import Engine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class GpuWorker:
-    """Runs the jobs of one `@modal.batched` call: claim, mix as one batch, end each."""
+    """Runs the jobs of one `@modal.batched` call: claim, mix, end each."""
 
     parts: ModalParts
     engine: Engine
@@ -25,29 +32,40 @@ class GpuWorker:
     def run(self, inputs: list[str]) -> list[str]:
         """Each input is `JOB:TOKEN`; returns each job's status, in input order.
 
-        A job another input claimed, or that ended (cancelled), is skipped. If Modal
-        cancels the batch (a cancel of any of its calls does that), the jobs claimed
-        here go back to the queue for the sweep to spawn again.
+        A job that another input holds, or that ended (clear_queue cancelled it), is
+        skipped. If the run is cut short (an error escaping the runner, Modal's
+        `InputCancellation`), the jobs still held go back to the queue for Modal's retry
+        or the sweep's re-spawn, except on their last allowed attempt: those fail now,
+        with their webhooks, instead of waiting for a sweep.
         """
         lifecycle = self.parts.lifecycle
-        claimed: list[JobRecord] = []
-        try:
-            for value in inputs:
-                job_id, token = parse_job_input(value)
-                job = lifecycle.claim(job_id, claimant=token)
-                if job is not None:
-                    claimed.append(job)
-            if claimed:
-                job_runner(self.parts).run(self.engine, claimed)
-        except BaseException:  # modal's InputCancellation is a BaseException
-            for job in claimed:
-                lifecycle.requeue(job.id)
-            raise
-        finally:
-            self.parts.nudges.flush()
-        return [_status(self.parts, parse_job_input(value)[0]) for value in inputs]
+        claims = dict(parse_job_input(value) for value in inputs)
+        with self.parts.nudges.batch():
+            jobs = lifecycle.claim(claims)
+            try:
+                if jobs:
+                    with lifecycle.holding(jobs):
+                        job_runner(self.parts).run(self.engine, jobs)
+            except BaseException:  # modal's InputCancellation is a BaseException
+                self._give_back(jobs)
+                raise
+        return [_status(self.parts, job_id) for job_id in (parse_job_input(v)[0] for v in inputs)]
+
+    def _give_back(self, jobs: list[JobRecord]) -> None:
+        lifecycle = self.parts.lifecycle
+        for job in jobs:
+            if job.run_attempts >= lifecycle.leases.max_attempts:
+                lifecycle.fail(
+                    job.id,
+                    f"the GPU run of this job failed {job.run_attempts} times; please submit"
+                    " it again",
+                    expected={JobStatus.PROCESSING},
+                    claimant=job.claimant,
+                )
+            else:
+                lifecycle.requeue(job)
 
 
 def _status(parts: ModalParts, job_id: int) -> str:
-    job = parts.jobs.get(job_id)
+    job = parts.stores.jobs.get(job_id)
     return job.status.value if job is not None else "unknown"

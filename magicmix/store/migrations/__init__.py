@@ -1,0 +1,1 @@
+"""Alembic revisions of the schema; `database.migrate` runs them (see its docstring)."""
