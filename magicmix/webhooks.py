@@ -20,11 +20,11 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 import httpx
 from standardwebhooks import Webhook
@@ -234,6 +234,7 @@ class WebhookDelivery:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._flying: dict[asyncio.Task[WebhookState | None], str] = {}  # task -> key id
+        self._fatal: BaseException | None = None  # not an error: the process is going down
         self.attempts = 0
 
     def ended(self, jobs: Sequence[JobRecord]) -> None:
@@ -251,40 +252,60 @@ class WebhookDelivery:
 
     async def run(self, *, until: float | None) -> int:
         """Deliver what is due, and what falls due, until `until` (a `clock()` time; None:
-        forever); then wait for the attempts in flight. Returns the attempts made."""
+        forever), or sooner once nothing owed falls due before it; then wait for the
+        attempts in flight. Returns the attempts made."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         made = self.attempts
         try:
             while True:
+                if self._fatal is not None:
+                    raise self._fatal
                 started = await self._start_due()
-                if until is not None and self._clock() >= until and not started:
-                    break
                 if started:
                     continue  # more may be due
-                self._wake.clear()
-                waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}
-                waiters |= set(self._flying)
+                if until is not None and not self._flying and not await self._due_before(until):
+                    break
                 timeout = self._idle_s
                 if until is not None:
                     timeout = min(timeout, max(0.0, until - self._clock()))
-                _, pending = await asyncio.wait(
-                    waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for waiter in pending - set(self._flying):
-                    waiter.cancel()
+                await self._pause(timeout)
             if self._flying:
                 await asyncio.wait(set(self._flying))
+            if self._fatal is not None:
+                raise self._fatal
+        except asyncio.CancelledError:  # the server stops: leases of attempts cut short lapse
+            for task in self._flying:
+                task.cancel()
+            raise
         finally:
             self._loop = self._wake = None
         return self.attempts - made
+
+    async def _due_before(self, until: float) -> bool:
+        """Whether an attempt owed falls due before `until` (the run should stay for it)."""
+        if self._clock() >= until:
+            return False
+        next_at = await asyncio.to_thread(self._jobs.next_webhook_at)
+        return next_at is not None and next_at < until
+
+    async def _pause(self, timeout: float) -> None:
+        """Until a nudge, an attempt landing (a slot freed), or `timeout`."""
+        assert self._wake is not None  # nosec B101 - set by `run`
+        self._wake.clear()
+        nudged = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait(
+                {nudged, *self._flying}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            nudged.cancel()
 
     async def _start_due(self) -> int:
         """Lease what is due (up to the free slots) and start an attempt for each."""
         free = self._concurrency - len(self._flying)
         if free <= 0:
             return 0
-        busy = [key for key in set(self._flying.values()) if self._in_flight(key) >= self._per_key]
         now = self._clock()
         try:
             due = await asyncio.to_thread(
@@ -292,7 +313,8 @@ class WebhookDelivery:
                 now=now,
                 lease_until=now + self._lease_s,
                 limit=free,
-                skip_keys=busy,
+                per_key=self._per_key,
+                in_flight=Counter(self._flying.values()),
             )
         except Exception:  # e.g. the database is briefly away: try again on the next round
             log.exception("could not take due webhooks")
@@ -303,11 +325,11 @@ class WebhookDelivery:
             task.add_done_callback(self._landed)
         return len(due)
 
-    def _in_flight(self, key_id: str) -> int:
-        return sum(1 for key in self._flying.values() if key == key_id)
-
     def _landed(self, task: asyncio.Task[WebhookState | None]) -> None:
         self._flying.pop(task, None)
         self.attempts += 1
-        if not task.cancelled() and task.exception() is not None:
-            log.error("webhook attempt failed: %r", task.exception())
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, Exception):  # `send` records its own failures: a bug if here
+            log.error("webhook attempt failed: %r", error)
+        elif error is not None:
+            self._fatal = error

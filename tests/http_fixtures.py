@@ -63,6 +63,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the stdlib's 5 refuses a burst of concurrent webhook attempts
+
+
 class LoopbackServer:
     """A threaded HTTP/1.0 server on 127.0.0.1 with per-path handlers; unknown paths are 404."""
 
@@ -70,7 +74,7 @@ class LoopbackServer:
         self.requests: list[Recorded] = []
         self._routes: dict[str, Handler] = {}
         self._watches: dict[str, Watch] = {}
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler_class(self))
+        self._httpd = _Server(("127.0.0.1", 0), _make_handler_class(self))
         self._httpd.daemon_threads = True  # a handler still dripping bytes must not block exit
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)

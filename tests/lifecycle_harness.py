@@ -3,8 +3,8 @@
 The engine is the one stand-in: `FlatEngine` returns a plain image per request (the
 engine is not what these tests are about, and torch would make hundreds of runs slow);
 everything after it is real: PNG encoding, the output store on disk, the lifecycle on
-SQLite or on the Dict store. `ended` records every won end (the lifecycle's listener):
-one entry per job is the "exactly one ended state, one webhook" the tests assert.
+SQLite or PostgreSQL. `ended` records every won end (the lifecycle's notifier): one
+entry per job is the "exactly one ended state, one webhook" the tests assert.
 """
 
 from __future__ import annotations
@@ -19,26 +19,24 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from sqlalchemy import event
 
-from magicmix.backends.local.db import Database
-from magicmix.backends.local.jobs import SqliteJobStore
-from magicmix.backends.local.keys import SqliteKeyStore
-from magicmix.backends.modal.state import DictJobStore, DictKeyStore, ModalState
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.http.links import HttpLinks
-from magicmix.jobs import JobRecord, JobStore, QueueLimits
-from magicmix.keys import KeyStore
-from magicmix.lifecycle import Lifecycle
+from magicmix.jobs import JobRecord, QueueLimits
+from magicmix.lifecycle import Leases, Lifecycle
 from magicmix.outputs.store import LocalStore
 from magicmix.request import MixRequest
 from magicmix.runner import JobRunner
-from tests.modal_standins import standin_dicts
+from magicmix.store.base import JobStore, KeyStore
+from magicmix.store.database import Database, open_database
+from magicmix.store.jobs import SqlJobStore
+from magicmix.store.keys import SqlKeyStore
 from tests.test_jobs import params
 
 SECRET = b"lifecycle-harness-secret"
 OPERATOR = "operator-key"
-KINDS = ("sqlite", "modal-dict-inmemory-standin")
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ class FlatEngine:
 
 @dataclass
 class World:
-    kind: str
+    database: Database
     store: JobStore
     keys: KeyStore
     lifecycle: Lifecycle
@@ -87,6 +85,7 @@ class World:
         return self.lifecycle.create(self.key_id, params(**{**values, **overrides}), PNG_1PX)
 
     def run(self, jobs: list[JobRecord]) -> list[JobRecord]:
+        """The runner alone (a worker also renews its claims; races here are faster)."""
         return self.runner.run(self.engine, jobs)
 
     def outputs_of(self, job_id: int) -> list[str]:
@@ -122,29 +121,6 @@ class Budget:
             raise Crash(f"after write {self.writes}")
 
 
-class CrashingDict:
-    """A Dict whose every write counts against a `Budget` (the write happens, then death)."""
-
-    def __init__(self, inner: Any, budget: Budget) -> None:
-        self._inner, self._budget = inner, budget
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._inner.get(key, default)
-
-    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool:
-        done = self._inner.put(key, value, skip_if_exists=skip_if_exists)
-        self._budget.tick()
-        return bool(done)
-
-    def pop(self, key: Any, default: Any = None) -> Any:
-        value = self._inner.pop(key, default)
-        self._budget.tick()
-        return value
-
-    def items(self) -> Any:
-        return self._inner.items()
-
-
 class CrashingFiles(LocalStore):
     """A directory store whose writes count against a `Budget`."""
 
@@ -161,38 +137,21 @@ class CrashingFiles(LocalStore):
         self._budget.tick()
 
 
-class JitteryDict:
-    """A Dict whose every call first sleeps a random moment: a race amplifier.
+def _jitter(database: Database, rng: random.Random) -> None:
+    """Every statement first waits a random moment: a race amplifier.
 
-    Without it two threads rarely meet inside the microseconds between a read and the
-    write that follows it; with it they do, many times per test.
+    Without it two threads rarely meet inside the microseconds between one statement and
+    the next; with it they do, many times per test.
     """
 
-    def __init__(self, inner: Any, rng: random.Random) -> None:
-        self._inner, self._rng = inner, rng
+    def pause(*_: Any) -> None:
+        time.sleep(rng.uniform(0, 0.0004))
 
-    def _pause(self) -> None:
-        time.sleep(self._rng.uniform(0, 0.0004))
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        self._pause()
-        return self._inner.get(key, default)
-
-    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool:
-        self._pause()
-        return bool(self._inner.put(key, value, skip_if_exists=skip_if_exists))
-
-    def pop(self, key: Any, default: Any = None) -> Any:
-        self._pause()
-        return self._inner.pop(key, default)
-
-    def items(self) -> Any:
-        self._pause()
-        return self._inner.items()
+    event.listen(database.engine, "before_cursor_execute", pause)
 
 
 def _counting_transactions(db: Database, budget: Budget) -> None:
-    """Every committed SQLite transaction counts against `budget`."""
+    """Every committed transaction counts against `budget`."""
     inner = db.transaction
 
     @contextmanager
@@ -205,38 +164,36 @@ def _counting_transactions(db: Database, budget: Budget) -> None:
 
 
 def make_world(
-    kind: str,
+    url: str,
     tmp: Path,
     *,
-    dicts: dict[str, Any] | None = None,
     budget: Budget | None = None,
     jitter: random.Random | None = None,
     clock: Callable[[], float] | None = None,
+    leases: Leases | None = None,
 ) -> World:
-    """A fresh world, or (same `tmp` / `dicts`) a restarted one over the same state.
+    """A world over the database at `url`, or (same `url` and `tmp`) a restarted one.
 
     With a `budget`, every storage write counts and the world dies after the chosen one;
-    with `jitter`, every Dict call first waits a random moment (races meet more often).
+    with `jitter`, every statement first waits a random moment (races meet more often).
     """
     box = SecretBox(SECRET)
     files: Callable[[Path], LocalStore] = (
         (lambda path: CrashingFiles(path, budget)) if budget else LocalStore
     )
-    if kind == "sqlite":
-        db = Database(tmp / "world.sqlite3")
-        keys: KeyStore = SqliteKeyStore(db, box, SECRET, [OPERATOR])
-        if budget:
-            _counting_transactions(db, budget)
-        store: JobStore = SqliteJobStore(db)
-    else:
-        dicts = dicts if dicts is not None else standin_dicts()
-        keys = DictKeyStore(dicts["keys"], box, SECRET, [OPERATOR])
-        if budget:
-            dicts = {name: CrashingDict(d, budget) for name, d in dicts.items()}
-        if jitter:
-            dicts = {name: JitteryDict(d, jitter) for name, d in dicts.items()}
-        store = DictJobStore(ModalState(**dicts, layouts=files(tmp / "layouts")))
-    lifecycle = Lifecycle(store, QueueLimits(10_000, 10_000), **({"clock": clock} if clock else {}))
+    database = open_database(url)
+    keys: KeyStore = SqlKeyStore(database, box, SECRET, [OPERATOR])
+    if budget:
+        _counting_transactions(database, budget)
+    if jitter:
+        _jitter(database, jitter)
+    store = SqlJobStore(database)
+    lifecycle = Lifecycle(
+        store,
+        QueueLimits(10_000, 10_000),
+        leases=leases,
+        **({"clock": clock} if clock else {}),
+    )
     outputs = files(tmp / "outputs")
     settings = Settings(data_dir=tmp, secret_key=SECRET.decode(), allow_private_urls=True)
     runner = JobRunner(
@@ -247,9 +204,21 @@ def make_world(
         box=box,
         links=HttpLinks("http://127.0.0.1:8000"),
     )
-    world = World(kind, store, keys, lifecycle, outputs, runner, keys.authenticate(OPERATOR).key_id)
-    lifecycle.listen(lambda jobs: _record(world, jobs))
+    world = World(
+        database, store, keys, lifecycle, outputs, runner, keys.authenticate(OPERATOR).key_id
+    )
+    lifecycle.notifiers.add(_Recorder(world))
     return world
+
+
+class _Recorder:
+    """The world's notifier: every won end, in `world.ended`."""
+
+    def __init__(self, world: World) -> None:
+        self._world = world
+
+    def ended(self, jobs: Sequence[JobRecord]) -> None:
+        _record(self._world, list(jobs))
 
 
 def _record(world: World, jobs: list[JobRecord]) -> None:

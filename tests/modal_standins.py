@@ -1,82 +1,72 @@
-"""In-memory stand-ins for what Modal cannot run here (no credentials, no network).
+"""An in-process stand-in for spawning Modal's GPU class, for the backend's unit tests.
 
-`InMemoryDict` implements the documented semantics of `modal.Dict` that the backend
-relies on, and nothing more (modal 1.6.4, `modal/dict.py`; https://modal.com/docs/guide/dicts):
-- `get(key, default=None)`: "Returns `default` if key does not exist." (dict.py:494)
-- `put(key, value, *, skip_if_exists=False) -> bool`: "Returns True if the key-value pair
-  was added and False if it wasn't because the key already existed and `skip_if_exists`
-  was set." (dict.py:556) One request, so insert-if-absent is atomic: Modal calls it a
-  locking primitive giving "exactly once" semantics (https://modal.com/blog/cache-dict-launch).
-- `pop(key, default)`: "Remove a key from the Dict, returning the value if it exists. If
-  key is not found, return default if provided, otherwise raise KeyError." (dict.py:583)
-- `items()`: "the return value is a simple iterator, and results are unordered."
-  (dict.py:643) The stand-in shuffles, so no test can lean on an order.
-- Values are pickled, so "updates to mutable value types will not be reflected in other
-  containers unless the updated object is explicitly put back" (the guide): the stand-in
-  stores and returns copies.
-A test (`test_standin_has_modal_dict_signatures`) checks the signatures against the
-installed `modal`.
+`InlineGpuCalls` implements `backends.modal.dispatch.GpuCalls` with the documented
+semantics of `Function.spawn` and `FunctionCall.get` that the dispatcher relies on, and
+nothing more (modal 1.6.4, `modal/_functions.py`; https://modal.com/docs/guide/job-queue):
+- `spawn(...)` "calls the function with the given arguments, without waiting for the
+  results" and returns a `FunctionCall` whose `object_id` identifies it;
+- `FunctionCall.get(timeout=...)` returns the result, raises the built-in `TimeoutError`
+  while the call runs, and raises the function's error once Modal stopped retrying it;
+  a call id Modal does not know raises too.
+Each spawned call runs its input alone, in a thread, with no retries: the rehearsal
+(`scripts/modal-rehearsal`) emulates batching, retries, crashes and cancellation.
 """
 
 from __future__ import annotations
 
-import pickle  # nosec B403 - our own values, as Modal itself pickles them
-import random
+import asyncio
+import concurrent.futures
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-
-from magicmix.backends.modal.state import DictJobStore, ModalState
-from magicmix.outputs.store import LocalStore
-
-_NO_DEFAULT = object()
-DICT_NAMES = ("jobs", "active", "outbox", "expiring", "keys")
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
-class InMemoryDict:
-    """A `modal.Dict` stand-in: one process, a lock instead of Modal's server."""
+@dataclass
+class InlineGpuCalls:
+    """Each spawn runs `worker([job_input])` in a thread of its own."""
 
-    def __init__(self) -> None:
-        self._data: dict[Any, bytes] = {}
-        self._lock = threading.Lock()
+    worker: Callable[[list[str]], list[str]] | None = None
+    spawned: list[str] = field(default_factory=list)
+    waits: int = 0  # `wait` calls made, finished calls included
+    fail_spawn: bool = False
+    calls: dict[str, concurrent.futures.Future[list[str]]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    async def spawn(self, job_input: str) -> str:
+        if self.fail_spawn:
+            raise ConnectionError("modal is unreachable")
+        worker = self.worker
+        assert worker is not None
         with self._lock:
-            data = self._data.get(key)
-        return default if data is None else pickle.loads(data)  # nosec B301
+            self.spawned.append(job_input)
+            call_id = f"fc-{len(self.spawned)}"
+        future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
 
-    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool:
-        data = pickle.dumps(value)
-        with self._lock:
-            if skip_if_exists and key in self._data:
-                return False
-            self._data[key] = data
+        def run() -> None:
+            try:
+                future.set_result(worker([job_input]))
+            except BaseException as err:  # failed for good: `get` raises a modal error
+                future.set_exception(RuntimeError(f"the remote call failed: {err!r}"))
+
+        self.calls[call_id] = future
+        threading.Thread(target=run, daemon=True).start()
+        return call_id
+
+    async def wait(self, call_id: str, timeout: float) -> bool:
+        self.waits += 1
+        future = self.calls.get(call_id)
+        if future is None:
+            return True  # unknown to Modal: over
+        if future.done():
             return True
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+        except TimeoutError:
+            return False
+        except Exception:  # failed for good: over
+            return True
+        return True
 
-    def pop(self, key: Any, default: Any = _NO_DEFAULT) -> Any:
-        with self._lock:
-            if key not in self._data:
-                if default is _NO_DEFAULT:
-                    raise KeyError(key)
-                return default
-            return pickle.loads(self._data.pop(key))  # nosec B301
-
-    def items(self) -> Iterator[tuple[Any, Any]]:
-        with self._lock:
-            pairs = list(self._data.items())
-        random.shuffle(pairs)
-        return iter([(key, pickle.loads(data)) for key, data in pairs])  # nosec B301
-
-
-def standin_dicts() -> dict[str, InMemoryDict]:
-    return {name: InMemoryDict() for name in DICT_NAMES}
-
-
-def standin_state(layouts_dir: Path) -> ModalState:
-    """Modal Dicts as stand-ins; layout images in a real (local) blob store."""
-    return ModalState(**standin_dicts(), layouts=LocalStore(layouts_dir))
-
-
-def standin_job_store(layouts_dir: Path) -> DictJobStore:
-    return DictJobStore(standin_state(layouts_dir))
+    def join(self, timeout: float = 60.0) -> None:
+        """Wait for every call spawned so far (tests: before asserting on the outcome)."""
+        concurrent.futures.wait(list(self.calls.values()), timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -22,6 +23,7 @@ from magicmix.http.app import create_app
 from magicmix.http.schemas import SEED_EXAMPLE
 from magicmix.http.server import uvicorn_config
 from magicmix.service import MagicMixService
+from magicmix.sweep import Sweeper, SweepReport
 from tests.conftest import make_layout_image
 from tests.http_fixtures import LoopbackServer, free_port, respond
 
@@ -118,6 +120,11 @@ def serve(settings: Settings) -> Iterator[RunningService]:
         finally:
             server.should_exit = True
             thread.join(30)
+
+
+def sweep_now(service: MagicMixService) -> SweepReport:
+    """One sweep over a running service's stores, as its periodic sweep would run it."""
+    return asyncio.run(Sweeper(service.lifecycle, service.outputs, service.settings).run_once())
 
 
 @pytest.fixture(scope="module")

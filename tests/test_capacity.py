@@ -14,9 +14,7 @@ from magicmix.backends.local.compose import build_local_service
 from magicmix.backends.modal import compose
 from magicmix.capacity import queue_limit, seconds_per_image
 from magicmix.config import Settings
-from magicmix.outputs.store import LocalStore
 from tests.deploy_probe import deployed
-from tests.modal_standins import standin_dicts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,17 +48,16 @@ def test_the_settings_shape_the_local_worker(tmp_path: Path, tiny_model_dir: Pat
     assert worker._batch_size == 3 and worker._batch_wait_s == 0.04  # type: ignore[attr-defined]
 
 
-def test_the_settings_shape_the_modal_containers(tmp_path: Path) -> None:
+def test_the_settings_shape_the_modal_containers(tmp_path: Path, pg_url: str) -> None:
     settings = Settings(
         data_dir=tmp_path,
         secret_key="s" * 32,
         store_url="s3://bucket/outputs/",
+        database_url=pg_url,
         gpu="H100",
         max_gpus=6,
     )
-    parts = compose.modal_parts(
-        settings, standin_dicts(), lambda ids: None, layouts=LocalStore(tmp_path / "l")
-    )
+    parts = compose.modal_parts(settings, lambda: None, pool=compose.POOLS["web"])
     assert parts.lifecycle.limits.max_queue == settings.max_queue
     assert parts.lifecycle.limits.max_per_key == settings.max_queued_per_key
 

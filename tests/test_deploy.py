@@ -26,12 +26,10 @@ from magicmix import webhooks
 imported = time.perf_counter() - started
 from fastapi.testclient import TestClient
 from magicmix.config import Settings
-from magicmix.outputs.store import LocalStore
-from tests.modal_standins import standin_dicts
 with tempfile.TemporaryDirectory() as tmp:
-    settings = Settings(secret_key="s" * 32, store_url="s3://bucket/outputs/", data_dir=tmp)
-    parts = compose.modal_parts(settings, standin_dicts(), lambda ids: None,
-                                layouts=LocalStore(__import__("pathlib").Path(tmp)))
+    settings = Settings(secret_key="s" * 32, store_url="s3://bucket/outputs/", data_dir=tmp,
+                        database_url=sys.argv[1])
+    parts = compose.modal_parts(settings, lambda: None, pool=compose.POOLS["web"])
     service = compose.web_service(parts, calls.ModalGpuCalls(None), gpu_name="L40S")
     with TestClient(create_app(service)) as http:
         assert http.get("/healthz").status_code == 200
@@ -42,9 +40,9 @@ print(json.dumps({"import_s": imported, "loaded": loaded}))
 """
 
 
-def test_the_front_door_imports_and_serves_without_torch() -> None:
+def test_the_front_door_imports_and_serves_without_torch(pg_url: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", FRONT_DOOR],
+        [sys.executable, "-c", FRONT_DOOR, pg_url],
         cwd=ROOT,
         capture_output=True,
         text=True,

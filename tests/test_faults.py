@@ -36,7 +36,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from magicmix.backends.local.db import Database
+from magicmix.store.database import open_database
 from tests.http_fixtures import LoopbackServer, respond
 from tests.s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION
 from tests.service_fixtures import API, serve, service_settings
@@ -178,8 +178,8 @@ def test_sqlite_lock_shorter_than_the_busy_timeout_only_delays_requests(
 
 def short_busy_timeout(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(
-        "magicmix.backends.local.compose.Database",
-        functools.partial(Database, busy_timeout_s=seconds),
+        "magicmix.store.stores.open_database",
+        functools.partial(open_database, busy_timeout_s=seconds),
     )
 
 

@@ -360,13 +360,10 @@ def test_concurrent_identical_submissions_make_one_job(strict: RunningService) -
     )
     again = send(0)
     assert again.status_code == 200 and again.json()["id"] == accepted[0]["id"]
-    count = (
-        strict.service.jobs._db.connection()
-        .execute(  # type: ignore[attr-defined]
+    with strict.service.jobs.database.read() as connection:  # type: ignore[attr-defined]
+        count = connection.exec_driver_sql(
             'SELECT COUNT(*) FROM jobs WHERE params LIKE \'%"prompt":"same"%\''
-        )
-        .fetchone()[0]
-    )
+        ).scalar()
     assert count == 1
 
 

@@ -478,21 +478,23 @@ def test_webhooks_are_due_once_ended_leased_to_one_sender_and_recorded_once(
 ) -> None:
     hooked, plain = create(lifecycle, webhook="http://h.invalid/"), create(lifecycle)
     store = lifecycle.store
-    assert lease(store, clock.now) == []  # owed, but the job has not ended
+    assert lease(store, clock.now) == [] and store.next_webhook_at() is None  # not ended yet
     lifecycle.fail(hooked.id, "x")
     lifecycle.fail(plain.id, "x")
+    assert store.next_webhook_at() == 0  # due at once
     assert lease(store, clock.now) == [hooked.id]
+    assert store.next_webhook_at() == clock.now + 60  # not before its sender's lease ends
     assert lease(store, clock.now) == []  # leased: a second sender gets nothing
     retry = WebhookState(phase="pending", attempts=1, next_at=clock.now + 5, last_status=503)
     assert store.record_webhook(hooked.id, retry, attempts_before=0)
     assert not store.record_webhook(hooked.id, retry, attempts_before=0)  # a late twin
     assert store.get(hooked.id).webhook == retry  # type: ignore[union-attr]
-    assert lease(store, clock.now) == []
+    assert lease(store, clock.now) == [] and store.next_webhook_at() == clock.now + 5
     assert lease(store, clock.now + 5) == [hooked.id]
     delivered = WebhookState(phase="delivered", attempts=2, last_status=200)
     assert store.record_webhook(hooked.id, delivered, attempts_before=1)
     assert store.get(hooked.id).webhook == delivered  # type: ignore[union-attr]
-    assert lease(store, clock.now + 1e6) == []
+    assert lease(store, clock.now + 1e6) == [] and store.next_webhook_at() is None
 
 
 def test_a_lapsed_webhook_lease_is_taken_again(lifecycle: Lifecycle, clock: Clock) -> None:
@@ -503,12 +505,15 @@ def test_a_lapsed_webhook_lease_is_taken_again(lifecycle: Lifecycle, clock: Cloc
     assert lease(lifecycle.store, clock.now + 61) == [job.id]
 
 
-def test_webhook_leases_respect_the_limit_and_skip_keys(lifecycle: Lifecycle) -> None:
-    for key in ("k1", "k1", "k2", "k2", "k2"):
+def test_webhook_leases_respect_the_limit_and_each_keys_share(lifecycle: Lifecycle) -> None:
+    for key in ("k1", "k1", "k1", "k2", "k2", "k3"):
         lifecycle.fail(create(lifecycle, key, webhook="http://h.invalid/").id, "x")
-    some = lifecycle.store.lease_webhooks(now=1e12, lease_until=2e12, limit=10, skip_keys=["k2"])
-    assert [job.key_id for job in some] == ["k1", "k1"]
-    assert len(lease(lifecycle.store, 1e12, limit=2)) == 2  # of the three k2 ones
+    store = lifecycle.store
+    some = store.lease_webhooks(
+        now=1e12, lease_until=2e12, limit=10, per_key=2, in_flight={"k2": 2, "k3": 1}
+    )
+    assert [job.key_id for job in some] == ["k1", "k1", "k3"]  # k2 has its share in flight
+    assert len(lease(store, 1e12, limit=2)) == 2  # of the three left
 
 
 # -- Idempotency-Key ---------------------------------------------------------------------

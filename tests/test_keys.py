@@ -1,56 +1,46 @@
-"""API keys on every store: the same tests for SQLite and the Modal Dict key store.
+"""API keys in the SQL store: the same tests on SQLite and PostgreSQL.
 
 Hashed at rest, admin flag, per-key webhook secrets, static operator keys, listing and
-revocation, S3 details. The Modal store runs on the in-memory `modal.Dict` stand-in.
+revocation, S3 details.
 """
 
 from __future__ import annotations
 
-import pickle  # nosec B403 - reading our own stand-in's stored values
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-from magicmix.backends.local.db import Database
-from magicmix.backends.local.keys import SqliteKeyStore
-from magicmix.backends.modal.state import DictKeyStore
 from magicmix.crypto import SecretBox
 from magicmix.errors import Unauthorized
-from magicmix.keys import KeyStore
-from tests.modal_standins import InMemoryDict
+from magicmix.store.base import KeyStore
+from magicmix.store.database import open_database
+from magicmix.store.keys import SqlKeyStore
+from magicmix.store.schema import api_keys
+from magicmix.store.testing import TempPostgres
 
 SECRET = b"unit-test-service-secret"
 OPERATOR = "operator-key"
 
 
-def sqlite_store(tmp: Path) -> SqliteKeyStore:
-    return SqliteKeyStore(Database(tmp / "k.sqlite3"), SecretBox(SECRET), SECRET, [OPERATOR])
+def key_store(url: str) -> SqlKeyStore:
+    return SqlKeyStore(open_database(url), SecretBox(SECRET), SECRET, [OPERATOR])
 
 
-def dict_store(tmp: Path) -> DictKeyStore:
-    return DictKeyStore(InMemoryDict(), SecretBox(SECRET), SECRET, [OPERATOR])
+@pytest.fixture
+def keys(database_url: str) -> SqlKeyStore:
+    return key_store(database_url)
 
 
-STORES: dict[str, Callable[[Path], KeyStore]] = {
-    "sqlite": sqlite_store,
-    "modal-dict-inmemory-standin": dict_store,
-}
+def stored_bytes(keys: SqlKeyStore, tmp_path: Path) -> bytes:
+    """Everything the store keeps at rest: every row, and SQLite's files."""
+    with keys._db.read() as connection:
+        rows = connection.execute(select(api_keys)).all()
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("magicmix.sqlite3*"))
+    return repr(rows).encode() + files
 
 
-@pytest.fixture(params=sorted(STORES))
-def keys(request: pytest.FixtureRequest, tmp_path: Path) -> KeyStore:
-    return STORES[request.param](tmp_path)
-
-
-def stored_bytes(keys: KeyStore, tmp_path: Path) -> bytes:
-    """Everything the store keeps at rest, as bytes."""
-    if isinstance(keys, DictKeyStore):
-        return b"".join(pickle.dumps(kv) for kv in keys._keys.items())  # type: ignore[attr-defined]
-    return b"".join(p.read_bytes() for p in tmp_path.glob("k.sqlite3*"))
-
-
-def test_created_key_authenticates_and_is_stored_hashed(keys: KeyStore, tmp_path: Path) -> None:
+def test_created_key_authenticates_and_is_stored_hashed(keys: SqlKeyStore, tmp_path: Path) -> None:
     new = keys.create()
     principal = keys.authenticate(new.key)
     assert principal.key_id == new.key_id and not principal.admin
@@ -84,9 +74,12 @@ def test_each_key_has_its_own_webhook_secret(keys: KeyStore) -> None:
     assert keys.webhook_secret(a.key_id) == a.webhook_secret
 
 
-def test_static_key_secrets_are_the_same_on_every_store(tmp_path: Path) -> None:
+def test_static_key_secrets_are_the_same_on_every_store(
+    tmp_path: Path, postgres: TempPostgres
+) -> None:
     """Two containers (or a restart) derive the same principal for an operator key."""
-    first, second = sqlite_store(tmp_path), dict_store(tmp_path)
+    first = key_store(f"sqlite:///{tmp_path / 'a.sqlite3'}")
+    second = key_store(postgres.fresh_url())
     assert first.authenticate(OPERATOR) == second.authenticate(OPERATOR)
 
 

@@ -1,14 +1,15 @@
-"""Races: every pair of writers that can meet, run at once many times, on both stores.
+"""Races: every pair of writers that can meet, run at once many times, on both dialects.
 
-Each round starts the two writers together (a barrier) with Python's thread switch
-interval at a microsecond, so they interleave between every store call. After each
-round: one ended state per job (the lifecycle's listener fired once), one webhook due,
-at most one output, and an output only for a success. SQLite is also raced from
-separate processes. Counts: `ROUNDS` rounds per pair and store.
+Each round starts the writers together (a barrier) with Python's thread switch interval
+at a microsecond and a random pause before every statement, so they interleave between
+statements. After each test: one ended state per job (the notifier fired once), one
+webhook owed, at most one output, and an output only for a success. Writers in separate
+processes race on both dialects too. Counts: `ROUNDS` rounds per pair and dialect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import random
 import sys
@@ -19,11 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from magicmix.jobs import JobRecord, JobStatus
-from magicmix.lifecycle import StaleAfter
-from tests.lifecycle_harness import KINDS, World, make_world
+from magicmix.config import Settings
+from magicmix.jobs import Idempotency, JobRecord, JobStatus
+from magicmix.lifecycle import Leases
+from magicmix.outputs.store import LocalStore
+from magicmix.sweep import Sweeper
+from magicmix.webhooks import WebhookDelivery, WebhookSender
+from tests.http_fixtures import LoopbackServer, respond
+from tests.lifecycle_harness import World, make_world
+from tests.test_jobs import params
 
 ROUNDS = 25
+LAPSED = Leases(lease_s=-1.0)  # every claim has already lapsed: the sweep may take any
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +45,8 @@ def tight_thread_switching() -> Iterator[None]:
 RNG = random.Random(20221029)
 
 
-def world_for(kind: str, tmp_path: Path) -> World:
-    return make_world(kind, tmp_path, jitter=random.Random(RNG.random()))
+def world_for(url: str, tmp_path: Path, **options: object) -> World:
+    return make_world(url, tmp_path, jitter=random.Random(RNG.random()), **options)  # type: ignore[arg-type]
 
 
 def race(*writers: Callable[[], object]) -> list[object]:
@@ -69,8 +77,13 @@ def race(*writers: Callable[[], object]) -> list[object]:
 
 def drain(world: World) -> None:
     """What a worker does after the race: run whatever is still queued."""
-    while batch := world.lifecycle.claim_batch(8, "drainer"):
+    while batch := world.lifecycle.claim_next(8, "drainer"):
         world.run(batch)
+
+
+def owed_webhooks(world: World) -> list[int]:
+    due = world.store.lease_webhooks(now=1e12, lease_until=1e12 + 1, limit=10_000)
+    return sorted(job.id for job in due)
 
 
 def check(world: World, jobs: list[JobRecord]) -> dict[JobStatus, int]:
@@ -78,8 +91,7 @@ def check(world: World, jobs: list[JobRecord]) -> dict[JobStatus, int]:
     drain(world)
     ended_ids = [job.id for job in world.ended]
     assert sorted(ended_ids) == sorted(job.id for job in jobs), "one won end per job"
-    due = [job.id for job in world.store.webhooks_due(1e12, 10_000)]
-    assert sorted(due) == sorted(job.id for job in jobs), "one webhook per job"
+    assert owed_webhooks(world) == sorted(job.id for job in jobs), "one webhook per job"
     tally: dict[JobStatus, int] = {}
     for job in jobs:
         stored = world.store.get(job.id)
@@ -90,57 +102,69 @@ def check(world: World, jobs: list[JobRecord]) -> dict[JobStatus, int]:
     return tally
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_cancel_vs_claim_and_run(kind: str, tmp_path: Path) -> None:
-    world = world_for(kind, tmp_path)
+def claim_one(world: World, job_id: int, claimant: str) -> JobRecord | None:
+    claimed = world.lifecycle.claim({job_id: claimant})
+    return claimed[0] if claimed else None
+
+
+def test_cancel_vs_claim_and_run(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path)
     jobs = []
     for _ in range(ROUNDS):
         job = world.create()
         jobs.append(job)
 
         def run_it(job: JobRecord = job) -> None:
-            claimed = world.lifecycle.claim(job.id, "gpu-1")
+            claimed = claim_one(world, job.id, "gpu-1")
             if claimed is not None:
                 world.run([claimed])
 
         race(lambda job=job: world.lifecycle.cancel(job.id), run_it)
     tally = check(world, jobs)
     assert set(tally) <= {JobStatus.CANCELLED, JobStatus.SUCCESS}
-    if kind == "sqlite":  # a cancel that won never lets the run start (on the Dict store a
-        # cancel may also win while the run starts; the finish is then refused, as checked)
-        cancelled = [
-            j.params.seed for j in jobs if world.store.get(j.id).status is JobStatus.CANCELLED
-        ]  # type: ignore[union-attr]
-        assert not set(cancelled) & set(world.engine.ran)
+    cancelled = [j.params.seed for j in jobs if world.store.get(j.id).status is JobStatus.CANCELLED]  # type: ignore[union-attr]
+    assert not set(cancelled) & set(world.engine.ran), "a cancel that won never lets a run start"
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_clear_queue_vs_a_worker_finishing(kind: str, tmp_path: Path) -> None:
-    world = world_for(kind, tmp_path)
+def test_clear_queue_vs_a_worker_claiming(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path)
     jobs = []
     for _ in range(ROUNDS):
         batch = [world.create() for _ in range(3)]
         jobs += batch
 
         def work() -> None:
-            claimed = world.lifecycle.claim_batch(2, "worker")
-            world.run(claimed)
+            world.run(world.lifecycle.claim_next(2, "worker"))
 
         race(world.lifecycle.cancel_queued, work)
     tally = check(world, jobs)
     assert set(tally) <= {JobStatus.CANCELLED, JobStatus.SUCCESS}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_two_gpu_containers_claim_one_job(kind: str, tmp_path: Path) -> None:
-    world = world_for(kind, tmp_path)
+def test_two_replicas_claim_batches_from_one_queue(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path)
+    jobs = [world.create() for _ in range(ROUNDS * 4)]
+    taken: dict[str, list[int]] = {"a": [], "b": []}
+
+    def replica(name: str) -> None:
+        while batch := world.lifecycle.claim_next(3, name):
+            taken[name] += [job.id for job in batch]
+            world.run(batch)
+
+    race(lambda: replica("a"), lambda: replica("b"))
+    assert sorted(taken["a"] + taken["b"]) == [job.id for job in jobs], "each job claimed once"
+    assert check(world, jobs) == {JobStatus.SUCCESS: len(jobs)}
+
+
+def test_two_gpu_inputs_claim_one_job(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path)
     jobs, runs = [], []
     for _ in range(ROUNDS):
         job = world.create()
         jobs.append(job)
 
         def container(token: str, job: JobRecord = job) -> int:
-            claimed = world.lifecycle.claim(job.id, token)
+            claimed = claim_one(world, job.id, token)
             if claimed is None:
                 return 0
             world.run([claimed])
@@ -151,23 +175,19 @@ def test_two_gpu_containers_claim_one_job(kind: str, tmp_path: Path) -> None:
     assert check(world, jobs) == {JobStatus.SUCCESS: ROUNDS}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_finish_vs_the_sweep(kind: str, tmp_path: Path) -> None:
-    world = world_for(kind, tmp_path)
+def test_finish_vs_lease_expiry(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path, leases=LAPSED)
     jobs = []
-    stale = StaleAfter(queued_s=1e9, processing_s=0.0)  # every running job looks stuck
     for _ in range(ROUNDS):
-        claimed = world.lifecycle.claim(world.create().id, "gpu")
+        claimed = claim_one(world, world.create().id, "gpu")
         assert claimed is not None
         jobs.append(claimed)
-        race(lambda claimed=claimed: world.run([claimed]), lambda: world.lifecycle.sweep(stale))
-    tally = check(world, jobs)
-    assert set(tally) <= {JobStatus.FAILED, JobStatus.SUCCESS}
+        race(lambda claimed=claimed: world.run([claimed]), world.lifecycle.release_lapsed)
+    assert check(world, jobs) == {JobStatus.SUCCESS: ROUNDS}  # requeued ones ran again
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_submit_vs_clear_queue(kind: str, tmp_path: Path) -> None:
-    world = world_for(kind, tmp_path)
+def test_submit_vs_clear_queue(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path)
     made: list[JobRecord] = []
     for _ in range(ROUNDS):
         created, _ = race(world.create, world.lifecycle.cancel_queued)
@@ -177,33 +197,92 @@ def test_submit_vs_clear_queue(kind: str, tmp_path: Path) -> None:
     assert set(tally) <= {JobStatus.CANCELLED, JobStatus.SUCCESS}
 
 
-# -- SQLite across processes -------------------------------------------------------------
+def test_two_resends_of_one_idempotency_key_make_one_job(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path)
+    for round_ in range(ROUNDS):
+        key = Idempotency(f"client-key-{round_}", "fingerprint")
+
+        def resend(key: Idempotency = key) -> int | None:
+            claim = world.lifecycle.begin_idempotent(world.key_id, key)
+            if not claim.owned:
+                return None
+            return world.lifecycle.create(world.key_id, params(seed=1), b"x", idempotency=claim).id
+
+        made = [job_id for job_id in race(resend, resend) if job_id is not None]
+        assert len(made) == 1, "one job per key"
+        again = world.lifecycle.begin_idempotent(world.key_id, key)
+        assert not again.owned and again.job_id == made[0]
 
 
-def _process_worker(directory: str, role: str, job_ids: list[int], results: object) -> None:
-    """A separate process racing on the same SQLite file: claim and finish, or cancel."""
-    world = make_world("sqlite", Path(directory))
+def test_two_senders_make_one_attempt_per_webhook(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path)
+    settings = Settings(allow_private_urls=True, webhook_schedule=(0.0, 3600.0))
+    with LoopbackServer() as receiver:
+        receiver.route("/hook", respond(200))
+        jobs = [world.create(webhook=receiver.url("/hook")) for _ in range(ROUNDS)]
+        for job in jobs:
+            world.lifecycle.fail(job.id, "failed on purpose")
+
+        def sender() -> int:
+            delivery = WebhookDelivery(
+                WebhookSender(world.store, world.keys, settings), world.store, settings
+            )
+            return asyncio.run(delivery.run(until=0))
+
+        attempts = race(sender, sender)
+        assert sum(attempts) == ROUNDS  # type: ignore[arg-type]
+        posted = sorted(r.headers["webhook-id"] for r in receiver.requests)
+        assert posted == sorted(f"magicmix-job-{job.id}" for job in jobs), "one POST each"
+    for job in jobs:
+        stored = world.store.get(job.id)
+        assert stored is not None and stored.webhook is not None
+        assert (stored.webhook.phase, stored.webhook.attempts) == ("delivered", 1)
+
+
+def test_two_sweeps_release_each_lapsed_claim_once(database_url: str, tmp_path: Path) -> None:
+    world = world_for(database_url, tmp_path, leases=LAPSED)
+    settings = Settings(data_dir=tmp_path, allow_private_urls=True)
+    outputs = LocalStore(tmp_path / "outputs")
+    for _ in range(5):
+        claimed = [claim_one(world, world.create().id, "dead") for _ in range(4)]
+        sweeps = [Sweeper(world.lifecycle, outputs, settings) for _ in range(2)]
+        reports = race(*(lambda s=s: asyncio.run(s.run_once()) for s in sweeps))
+        requeued = [i for report in reports for i in report.requeued]  # type: ignore[attr-defined]
+        assert sorted(requeued) == sorted(job.id for job in claimed if job), "released once"
+        drain(world)
+
+
+# -- across processes --------------------------------------------------------------------
+
+
+def _process_worker(
+    url: str, directory: str, role: str, job_ids: list[int], results: object
+) -> None:
+    """A separate process racing on the same database: claim and finish, or cancel."""
+    world = make_world(url, Path(directory))
     won = []
     if role == "cancel":
         for _ in range(20):
             won += [job.id for job in world.lifecycle.cancel_queued()]
     else:
         for job_id in job_ids:
-            claimed = world.lifecycle.claim(job_id, role)
+            claimed = claim_one(world, job_id, role)
             if claimed is not None:
                 won += [job.id for job in world.run([claimed])]
     results.put((role, won))  # type: ignore[attr-defined]
 
 
-def test_sqlite_writers_in_separate_processes(tmp_path: Path) -> None:
-    world = make_world("sqlite", tmp_path)
+def test_writers_in_separate_processes(database_url: str, tmp_path: Path) -> None:
+    world = make_world(database_url, tmp_path)
     jobs = [world.create() for _ in range(60)]
     ids = [job.id for job in jobs]
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     plan = [("worker-a", ids), ("worker-b", ids[::-1]), ("cancel", [])]
     processes = [
-        context.Process(target=_process_worker, args=(str(tmp_path), role, order, results))
+        context.Process(
+            target=_process_worker, args=(database_url, str(tmp_path), role, order, results)
+        )
         for role, order in plan
     ]
     for process in processes:
@@ -218,4 +297,4 @@ def test_sqlite_writers_in_separate_processes(tmp_path: Path) -> None:
         stored = world.store.get(job.id)
         assert stored is not None and stored.status.is_terminal
         assert len(world.outputs_of(job.id)) == (stored.status is JobStatus.SUCCESS)
-    assert sorted(j.id for j in world.store.webhooks_due(1e12, 1000)) == sorted(ids)
+    assert owed_webhooks(world) == sorted(ids)

@@ -103,7 +103,7 @@ def test_download_sweep_webhooks_and_keys_are_declared() -> None:
     download = modal_app.download_weights.info()
     assert download.volumes[modal_app.CACHE_DIR].name == "magicmix-weights"
     assert download.secrets == []  # only with MAGICMIX_HF_SECRET: a gated model's token
-    assert modal_app.sweep.info().schedule == "Cron('*/5 * * * *', UTC)"
+    assert modal_app.sweep.info().schedule == "Cron('*/2 * * * *', UTC)"
     assert "modal.Secret.from_name('magicmix')" in modal_app.manage_keys.info().secrets
 
 

@@ -57,6 +57,9 @@ def server_env(tmp_path: Path, model_dir: Path, base: str, **extra: str) -> dict
         "MAGICMIX_API_KEYS": KEY,
         "MAGICMIX_SECRET_KEY": "restart-secret",
         "MAGICMIX_LOG_LEVEL": "WARNING",
+        # a killed worker's claims lapse after 2 s and the next sweep requeues them
+        "MAGICMIX_LEASE_S": "2",
+        "MAGICMIX_SWEEP_INTERVAL_S": "0.5",
         **extra,
     }
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from mypy_boto3_s3 import S3Client
 from PIL import Image
+from sqlalchemy import update
 
-from magicmix.service import sweep
+from magicmix.store.schema import jobs
 from tests.http_fixtures import LoopbackServer
 from tests.s3_server import DUMMY_KEY_ID, DUMMY_SECRET
-from tests.service_fixtures import API, RunningService, serve, service_settings
+from tests.service_fixtures import API, RunningService, serve, service_settings, sweep_now
 
 
 def s3_body(
@@ -167,10 +168,13 @@ def test_service_store_on_s3_serves_and_expires_outputs(
         assert app.download(url).startswith(b"\x89PNG")
         time.sleep(1.1)  # S3 LastModified has one-second resolution
         app.service.settings.retention_hours = 1 / 3600  # everything older than 1 s expires
-        app.service.jobs._db.connection().execute(  # type: ignore[attr-defined]
-            "UPDATE jobs SET finished_at = finished_at - 10 WHERE id = ?", (reply["id"],)
-        )
-        report = sweep(app.service.lifecycle, app.service.outputs, app.service.settings)
+        with app.service.jobs.database.transaction() as connection:  # type: ignore[attr-defined]
+            connection.execute(
+                update(jobs)
+                .where(jobs.c.id == reply["id"])
+                .values(finished_at=jobs.c.finished_at - 10)
+            )
+        report = sweep_now(app.service)
         assert report.removed == [name] and report.expired == [reply["id"]]
         assert app.http.get(url).status_code == 404
         assert app.fetch(reply["id"]).status_code == 410

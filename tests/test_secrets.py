@@ -33,9 +33,9 @@ import httpx
 import pytest
 
 from magicmix.backends.local.compose import open_key_store
-from magicmix.backends.local.db import Database
-from magicmix.backends.local.keys import SqliteKeyStore
 from magicmix.crypto import SecretBox
+from magicmix.store.database import open_database
+from magicmix.store.keys import SqlKeyStore
 from tests.http_fixtures import LoopbackServer, respond
 from tests.s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION
 from tests.service_fixtures import API, MIX, RunningService, serve, service_settings
@@ -88,8 +88,11 @@ def test_keys_are_compared_in_constant_time(
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
     secret = b"unit-secret"
-    keys = SqliteKeyStore(
-        Database(tmp_path / "k.sqlite3"), SecretBox(secret), secret, [OPERATOR_KEY]
+    keys = SqlKeyStore(
+        open_database(f"sqlite:///{tmp_path / 'k.sqlite3'}"),
+        SecretBox(secret),
+        secret,
+        [OPERATOR_KEY],
     )
     assert keys.authenticate(OPERATOR_KEY).admin
     with pytest.raises(Exception, match="invalid API key"):

@@ -10,13 +10,22 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from sqlalchemy import update
 from standardwebhooks import Webhook
 
 from magicmix.http.schemas import SEED_EXAMPLE
-from magicmix.service import sweep
+from magicmix.store.schema import jobs
 from tests.conftest import make_layout_image
 from tests.http_fixtures import LoopbackServer, free_port, respond
-from tests.service_fixtures import API, MIX, RunningService, png, serve, service_settings
+from tests.service_fixtures import (
+    API,
+    MIX,
+    RunningService,
+    png,
+    serve,
+    service_settings,
+    sweep_now,
+)
 
 SEED_META_KEYS = {
     "H",
@@ -370,10 +379,11 @@ def test_cleanup_removes_only_expired_outputs(
     old_path = running.settings.data_dir / "outputs" / old_name
     past = time.time() - 25 * 3600
     os.utime(old_path, (past, past))
-    running.service.jobs._db.connection().execute(  # the job finished 25 h ago, too
-        "UPDATE jobs SET finished_at = ? WHERE id = ?", (past, old["id"])
-    )
-    report = sweep(running.service.lifecycle, running.service.outputs, running.settings)
+    with running.service.jobs.database.transaction() as connection:  # type: ignore[attr-defined]
+        connection.execute(  # the job finished 25 h ago, too
+            update(jobs).where(jobs.c.id == old["id"]).values(finished_at=past)
+        )
+    report = sweep_now(running.service)
     assert old_name in report.removed and old["id"] in report.expired
     assert new["output"][0].rsplit("/", 1)[1] not in report.removed
     gone = running.fetch(old["id"])

@@ -2,34 +2,39 @@
 
 Real HTTP to a loopback receiver, a real SQLite job store, and a fake clock for the
 schedule: the retry schedule is exercised to its end, across a restart (a new store and
-sender over the same database), without waiting for it.
+sender over the same database), without waiting for it. The delivery loop itself (leases,
+attempts independent of each other, per-key fairness) is tested at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from magicmix.backends.local.db import Database
-from magicmix.backends.local.jobs import SqliteJobStore
-from magicmix.backends.local.keys import SqliteKeyStore
 from magicmix.config import WEBHOOK_SCHEDULE, Settings
 from magicmix.crypto import SecretBox
-from magicmix.jobs import JobRecord, QueueLimits, WebhookState
+from magicmix.jobs import JobRecord, JobResult, QueueLimits, WebhookState
 from magicmix.keys import new_signing_secret
 from magicmix.lifecycle import Lifecycle
-from magicmix.webhooks import Attempt, WebhookSender, next_state, sign_headers
+from magicmix.store.database import open_database
+from magicmix.store.jobs import SqlJobStore
+from magicmix.store.keys import SqlKeyStore
+from magicmix.webhooks import Attempt, WebhookDelivery, WebhookSender, next_state, sign_headers
 from tests.http_fixtures import Handler, LoopbackServer, free_port, respond
 from tests.test_jobs import Clock, params
 
@@ -73,11 +78,12 @@ class World:
     """A job store, keys and a sender over one SQLite file, on a fake clock."""
 
     def __init__(self, path: Path, settings: Settings, clock: Clock) -> None:
-        db = Database(path)
-        self.jobs = SqliteJobStore(db)
-        self.keys = SqliteKeyStore(db, SecretBox(SECRET), SECRET, [OPERATOR])
+        db = open_database(f"sqlite:///{path}")
+        self.jobs = SqlJobStore(db)
+        self.keys = SqlKeyStore(db, SecretBox(SECRET), SECRET, [OPERATOR])
         self.lifecycle = Lifecycle(self.jobs, QueueLimits(99, 99), clock=clock)
         self.sender = WebhookSender(self.jobs, self.keys, settings, clock=clock)
+        self.clock = clock
         self.principal = self.keys.authenticate(OPERATOR)
 
     def ended_job(self, url: str) -> JobRecord:
@@ -87,7 +93,14 @@ class World:
         return ended
 
     def send_due(self) -> list[WebhookState]:
-        return asyncio.run(self.sender.send_due())
+        """One attempt for each webhook due now (what one round of the delivery loop does)."""
+        now = self.clock()
+        due = self.jobs.lease_webhooks(now=now, lease_until=now + 60, limit=100)
+
+        async def attempts() -> list[WebhookState | None]:
+            return list(await asyncio.gather(*(self.sender.send(job) for job in due)))
+
+        return [state for state in asyncio.run(attempts()) if state is not None]
 
     def webhook(self, job_id: int) -> WebhookState:
         job = self.jobs.get(job_id)
@@ -280,3 +293,74 @@ def test_a_refused_url_sends_nothing(
     state = world.webhook(job.id)
     assert state.phase == "failed" and (state.last_error or "").startswith("webhook URL points to")
     assert receiver.requests == []
+
+
+# -- the delivery loop ------------------------------------------------------------------
+
+
+@contextmanager
+def delivering(world: World, settings: Settings, **options: Any) -> Iterator[WebhookDelivery]:
+    """The delivery loop running in a thread of its own, as a server runs it."""
+    delivery = WebhookDelivery(world.sender, world.jobs, settings, idle_s=0.05, **options)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(delivery.run_forever())
+
+    def serve() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield delivery
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(10)
+
+
+def test_stalling_receivers_of_one_key_never_hold_up_another_keys_webhook(
+    tmp_path: Path, receiver: LoopbackServer
+) -> None:
+    """64 receivers of one key that hold every attempt open: another key's webhook still
+    goes at once (the loop never waits for a slow attempt, and one key may hold only
+    `per_key` attempts), and no attempt in flight is sent a second time."""
+    settings = Settings(data_dir=tmp_path, allow_private_urls=True, webhook_timeout_s=60)
+    world = World(tmp_path / "db.sqlite3", settings, Clock(time.time()))
+    stalls = receiver.watch("/slow")
+    healthy = receiver.watch("/ok")
+    other = world.keys.create()
+    for _ in range(64):
+        world.ended_job(receiver.url("/slow"))
+    with delivering(world, settings, concurrency=12, per_key=8):
+        assert stalls.entered.wait(30)
+        job = world.lifecycle.create(other.key_id, params(webhook=receiver.url("/ok")), b"i")
+        world.lifecycle.fail(job.id, "it broke")
+        assert healthy.completed.wait(30), "the other key's webhook was held up"
+        assert not stalls.completed.is_set()  # every stalled attempt is still in flight
+        slow = [r for r in receiver.requests if r.path == "/slow"]
+        assert len(slow) == 8 and len({r.headers["webhook-id"] for r in slow}) == 8
+        deadline = time.monotonic() + 30  # the outcome is recorded just after the reply
+        while world.webhook(job.id).phase != "delivered" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert world.webhook(job.id).phase == "delivered"
+
+
+def test_the_body_is_the_same_on_every_attempt_even_after_the_outputs_expire(
+    world: World, receiver: LoopbackServer, clock: Clock
+) -> None:
+    receiver.route("/flaky", statuses(503))
+    job = world.lifecycle.create(
+        world.principal.key_id, params(webhook=receiver.url("/flaky")), b"i"
+    )
+    [claimed] = world.lifecycle.claim({job.id: "worker"})
+    result = JobResult(
+        output=["http://o/x.png"], generation_time=1.0, stored_in="service", object_names=["x"]
+    )
+    assert world.lifecycle.finish(claimed, result) is not None
+    world.send_due()  # 503
+    assert world.lifecycle.expire(clock.now + 1) == [job.id]  # the outputs are deleted
+    clock.now += 5
+    [state] = world.send_due()
+    first, second = (r.body for r in receiver.requests)
+    assert state.phase == "delivered" and first == second
+    assert b'"status":"success"' in first

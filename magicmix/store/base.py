@@ -9,7 +9,7 @@ which, and what each change sets off) is the lifecycle's, not the store's.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -98,10 +98,22 @@ class JobStore(Protocol):
     def queue_length(self) -> int: ...
 
     def lease_webhooks(
-        self, *, now: float, lease_until: float, limit: int, skip_keys: Collection[str] = ()
+        self,
+        *,
+        now: float,
+        lease_until: float,
+        limit: int,
+        per_key: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
     ) -> list[JobRecord]:
-        """Take the due webhooks (ended jobs, pending, next attempt due, not leased by
-        another sender), oldest due first, leasing each until `lease_until`."""
+        """Take up to `limit` due webhooks (ended jobs, pending, next attempt due, not
+        leased by another sender), oldest due first, leasing each until `lease_until`;
+        with `per_key`, no API key gets more than that counting its `in_flight` ones."""
+        ...
+
+    def next_webhook_at(self) -> float | None:
+        """When the next webhook attempt owed falls due (its lease, if any, over); None
+        when none is owed."""
         ...
 
     def record_webhook(self, job_id: int, state: WebhookState, *, attempts_before: int) -> bool:

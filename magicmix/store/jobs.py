@@ -19,7 +19,7 @@ statement must own are locked by it):
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -355,32 +355,56 @@ class SqlJobStore:
     # -- webhooks -----------------------------------------------------------------------
 
     def lease_webhooks(
-        self, *, now: float, lease_until: float, limit: int, skip_keys: Collection[str] = ()
+        self,
+        *,
+        now: float,
+        lease_until: float,
+        limit: int,
+        per_key: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
     ) -> list[JobRecord]:
         due_at = func.coalesce(jobs.c.webhook_next_at, 0)
-        due = (
-            select(jobs.c.id)
-            .where(
-                jobs.c.webhook_phase == "pending",
-                jobs.c.status.in_(_OWED),
-                due_at <= now,
-                func.coalesce(jobs.c.webhook_lease_until, 0) <= now,
-            )
-            .order_by(due_at, jobs.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
+        is_due = and_(
+            jobs.c.webhook_phase == "pending",
+            jobs.c.status.in_(_OWED),
+            due_at <= now,
+            func.coalesce(jobs.c.webhook_lease_until, 0) <= now,
         )
-        if skip_keys:
-            due = due.where(jobs.c.key_id.not_in(list(skip_keys)))
+        taken = dict(in_flight or {})
+        full = [key for key, n in taken.items() if per_key is not None and n >= per_key]
+        candidates = select(jobs.c.id, jobs.c.key_id).where(is_due).order_by(due_at, jobs.c.id)
+        if full:
+            candidates = candidates.where(jobs.c.key_id.not_in(full))
         with self._db.transaction() as connection:
-            rows = connection.execute(
+            chosen: list[int] = []
+            for job_id, key_id in connection.execute(candidates.limit(limit * 4)):
+                if per_key is not None and taken.get(key_id, 0) >= per_key:
+                    continue  # this key has its share in flight: the others go first
+                taken[key_id] = taken.get(key_id, 0) + 1
+                chosen.append(job_id)
+                if len(chosen) == limit:
+                    break
+            if not chosen:
+                return []
+            rows = connection.execute(  # a row another sender leased meanwhile is not due now
                 update(jobs)
-                .where(jobs.c.id.in_(due.scalar_subquery()))
+                .where(jobs.c.id.in_(chosen), is_due)
                 .values(webhook_lease_until=lease_until)
                 .returning(*_RECORD)
             ).all()
         leased = [_record(row) for row in rows]
         return sorted(leased, key=lambda job: ((job.webhook and job.webhook.next_at) or 0, job.id))
+
+    def next_webhook_at(self) -> float | None:
+        due_at = func.coalesce(jobs.c.webhook_next_at, 0)
+        leased = func.coalesce(jobs.c.webhook_lease_until, 0)
+        not_before = case((leased > due_at, leased), else_=due_at)
+        query = select(func.min(not_before)).where(
+            jobs.c.webhook_phase == "pending", jobs.c.status.in_(_OWED)
+        )
+        with self._db.read() as connection:
+            found = connection.scalar(query)
+        return None if found is None else float(found)
 
     def record_webhook(self, job_id: int, state: WebhookState, *, attempts_before: int) -> bool:
         with self._db.transaction() as connection:

@@ -121,7 +121,7 @@ class TempPostgres:
         name = name or f"db_{uuid.uuid4().hex[:12]}"
         copy = f" TEMPLATE {template}" if template else ""
         with psycopg.connect(self.url(), autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"{copy}')  # nosec B608 - names made here
+            connection.execute(f'CREATE DATABASE "{name}"{copy}')  # names made here
         return self.url(name)
 
     def fresh_url(self) -> str:

@@ -108,12 +108,12 @@ class ModalDispatcher:
         left = timeout - (time.monotonic() - started)
         await asyncio.sleep(max(0.0, min(self._poll_s, left)))
 
-    async def respawn_lost(self) -> list[int]:
+    async def respawn_lost(self, older_than_s: float = RESPAWN_AFTER_S) -> list[int]:
         """Spawn again queued jobs whose call is gone: never made (the spawn failed after
         the insert), over (Modal gave up on it, then its claim lapsed and the sweep
         requeued the job), or unknown (`modal app stop`, a call past its 7 days)."""
         old = await asyncio.to_thread(
-            self._store.queued, created_before=time.time() - RESPAWN_AFTER_S, limit=RESPAWN_CHECKS
+            self._store.queued, created_before=time.time() - older_than_s, limit=RESPAWN_CHECKS
         )
         lost = [job for job in old if job.call_id is None or await self._gpu.wait(job.call_id, 0)]
         for job in lost:
