@@ -29,10 +29,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from benchmarks.calibrate import BurstMeasurement, Calibration, compare_burst
+from magicmix.cli.plan import plan_command
 from magicmix.config import Settings
 from magicmix.planner import Arrivals, Capacity, GpuProfile, default_profile_path, simulate
-from magicmix.planner.calibrate import BurstMeasurement, Calibration, compare_burst
-from magicmix.planner.cli import plan_command
 from magicmix.planner.report import percentile, summarize, time_weighted_mean
 from magicmix.planner.sim import SimResult
 
@@ -508,8 +508,8 @@ def run_local_burst(
     """
     import torch
 
-    from magicmix.planner.calibrate import profile_from_timings
-    from magicmix.planner.measure import time_batches, time_host_work
+    from benchmarks.calibrate import profile_from_timings
+    from benchmarks.measure import time_batches, time_host_work
     from tests.service_fixtures import MIX, serve, service_settings
 
     settings = service_settings(

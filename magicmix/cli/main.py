@@ -15,11 +15,11 @@ from magicmix.cli.options import (
     mix_request,
     option,
 )
+from magicmix.cli.plan import plan_command
 from magicmix.cli.sweep import sweep_command
 from magicmix.config import Settings, get_settings
 from magicmix.errors import MagicMixError
 from magicmix.families import TOY
-from magicmix.planner.cli import plan_command
 from magicmix.request import default
 
 app = typer.Typer(
