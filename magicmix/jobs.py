@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from magicmix.errors import Busy
+from magicmix.families import ModelFamily
 from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, Submission
 
 _NO_IMAGE = Image.new("RGB", (1, 1))  # stands in where only the schedule matters
@@ -244,7 +245,9 @@ class JobStore(Protocol):
         ...
 
 
-def params_from(submission: Submission, *, family: str, seed: int, image_ref: str) -> JobParams:
+def params_from(
+    submission: Submission, *, family: ModelFamily, seed: int, image_ref: str
+) -> JobParams:
     """A job's params from what the client sent (the image itself is stored apart)."""
     width, height = submission.size_for(family)
     resolved = {"seed", "image_ref", "width", "height"}

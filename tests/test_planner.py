@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from benchmarks.calibrate import BurstMeasurement, Calibration, compare_burst
 from magicmix.cli.plan import plan_command
 from magicmix.config import Settings
+from magicmix.families import SD1
 from magicmix.planner import Arrivals, Capacity, GpuProfile, default_profile_path, simulate
 from magicmix.planner.report import percentile, summarize, time_weighted_mean
 from magicmix.planner.sim import SimResult
@@ -349,14 +350,9 @@ def modal_defaults() -> dict[str, str]:
 
 
 def test_defaults_are_the_deployed_ones() -> None:
+    """The shipped profile is SD 1.5's; a deployment of it batches as its family says."""
     knobs, cap = modal_defaults(), Capacity()
-    tree = ast.parse((ROOT / "modal_app.py").read_text())
-    batch_default = next(
-        ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "BATCH_DEFAULT"
-    )
-    assert cap.batch_size == batch_default["sd1"]
+    assert cap.batch_size == SD1.batch_size
     assert cap.batch_wait_s == int(knobs["MAGICMIX_BATCH_WAIT_MS"]) / 1000
     assert cap.max_containers == int(knobs["MAGICMIX_MAX_GPUS"])
     assert cap.scaledown_window_s == int(knobs["MAGICMIX_GPU_IDLE_S"])

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from magicmix.capacity import queue_limit
 from magicmix.cli.options import fail
+from magicmix.families import SD1
 from magicmix.planner.profile import GpuProfile, default_profile_path
 from magicmix.planner.report import render_text, summarize
 from magicmix.planner.sim import Arrivals, Capacity, simulate
@@ -63,7 +64,7 @@ def plan_command(
     ] = 0,
     batch_size: Annotated[
         int, typer.Option(help="@modal.batched max_batch_size (MAGICMIX_BATCH_SIZE at deploy).")
-    ] = 8,
+    ] = SD1.batch_size,
     batch_wait_ms: Annotated[
         float,
         typer.Option(

@@ -64,7 +64,7 @@ def build_local_service(settings: Settings) -> MagicMixService:
         settings=settings, lifecycle=lifecycle, outputs=outputs, keys=keys, box=box, links=links
     )
     worker = LocalWorker(
-        family=family,
+        family=family.name,
         lifecycle=lifecycle,
         runner=runner,
         load_engine=lambda: load_engine(settings),
