@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import Comparison, Context, Section, benchmark, interleaved, run_suite
+from magicmix.jobs import TextRead
 from tests.lifecycle_harness import World, make_world
 
 BATCH = 8
@@ -33,6 +34,7 @@ class NoiseEngine:
         class Result:
             def __init__(self, image: Image.Image) -> None:
                 self.image = image
+                self.prompt = self.negative_prompt = TextRead(tokens=1, truncated=False)
 
         sizes = [(r.width, r.height) for r in requests]  # type: ignore[attr-defined]
         return [

@@ -59,12 +59,28 @@ class JobParams(MixParams):
         return self.mix_request().batch_key()
 
 
+class TextRead(BaseModel):
+    """How much of one prompt the text encoders read: its tokens, and whether some were cut
+    (CLIP reads 75 besides its start and end markers)."""
+
+    tokens: int
+    truncated: bool
+
+
+class PromptsRead(BaseModel):
+    """What the engine read of a job's prompt and negative prompt; the reply's meta says it."""
+
+    prompt: TextRead
+    negative_prompt: TextRead
+
+
 class JobResult(BaseModel):
     output: list[str]
     generation_time: float
     stored_in: Literal["user", "service"]
     object_names: list[str]
     note: str | None = None
+    prompts: PromptsRead | None = None  # None on results stored before prompts were counted
 
 
 WebhookPhase = Literal["pending", "delivered", "failed", "stopped"]

@@ -27,7 +27,7 @@ from magicmix.backends.modal.state import DictJobStore, DictKeyStore, ModalState
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.http.links import HttpLinks
-from magicmix.jobs import JobRecord, JobStore, QueueLimits
+from magicmix.jobs import JobRecord, JobStore, QueueLimits, TextRead
 from magicmix.keys import KeyStore
 from magicmix.lifecycle import Lifecycle
 from magicmix.outputs.store import LocalStore
@@ -45,6 +45,8 @@ KINDS = ("sqlite", "modal-dict-inmemory-standin")
 class Flat:
     image: Image.Image
     seed: int = 0
+    prompt: TextRead = field(default_factory=lambda: TextRead(tokens=1, truncated=False))
+    negative_prompt: TextRead = field(default_factory=lambda: TextRead(tokens=0, truncated=False))
 
 
 class FlatEngine:
