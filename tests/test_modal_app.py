@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -32,45 +33,18 @@ def _declared(function: modal.Function) -> dict[str, Any]:
     )
 
 
-# Run on a laptop with `modal` and the checkout: every installed distribution outside
-# modal's own requirements is hidden, so an import of a project dependency (pydantic,
-# torch, huggingface_hub...) fails there as it would on that laptop.
-LAPTOP = r"""
-import importlib.abc, importlib.metadata as md, json, re, sys
-from packaging.requirements import Requirement
-
-def canon(name):
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-allowed, todo = set(), ["modal"]
-while todo:
-    name = todo.pop()
-    if canon(name) in allowed:
-        continue
-    allowed.add(canon(name))
-    for line in md.requires(name) or []:
-        req = Requirement(line)
-        if not req.marker or req.marker.evaluate({"extra": ""}):
-            todo.append(req.name)
-hidden = {
-    module for module, dists in md.packages_distributions().items()
-    if module != "magicmix" and not any(canon(d) in allowed for d in dists)
-}
-for module in [m for m in sys.modules if m.partition(".")[0] in hidden]:
-    del sys.modules[module]
-
-class NotOnTheLaptop(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in hidden:
-            raise ModuleNotFoundError(f"No module named {name!r} on the laptop", name=name)
-
-sys.meta_path.insert(0, NotOnTheLaptop())
+# modal_app run as on a laptop with `modal` and the checkout alone (scripts/deploy-check)
+ON_A_LAPTOP = runpy.run_path(str(ROOT / "scripts" / "deploy-check"))["ON_A_LAPTOP"]
+LAPTOP = (
+    ON_A_LAPTOP
+    + r"""
 import modal_app
 gpu = modal_app.MagicMix._get_class_service_function().info().gpus
 ours = sorted(m for m in sys.modules if m.split(".")[0] == "magicmix")
 print(json.dumps([modal_app.GPU, gpu, modal_app.FAMILY.name, modal_app.BATCH_SIZE, ours,
                   "pydantic" in hidden and "torch" in hidden]))
 """
+)
 
 
 @pytest.mark.parametrize(
