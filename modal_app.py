@@ -12,9 +12,9 @@ run-time settings, read when a container starts.
     MAGICMIX_MODEL           hub id of an SD 1.x or SDXL checkpoint (default SD 1.5)
     MAGICMIX_MODEL_REVISION  the checkpoint's commit (default: the pinned one of the default)
     MAGICMIX_DTYPE           float16 (default), bfloat16 or float32 on the GPU
-    MAGICMIX_MODEL_FAMILY    sd1 or sdxl (default: sdxl when the model id says xl)
+    MAGICMIX_MODEL_FAMILY    sd1 or sdxl (default: as the model id suggests, magicmix/families.py)
     MAGICMIX_MAX_GPUS        the cost ceiling: at most this many GPU containers (default 4)
-    MAGICMIX_BATCH_SIZE      jobs per UNet batch (default 8; 4 for SDXL)
+    MAGICMIX_BATCH_SIZE      jobs per UNet batch (default: the family's, 8 for SD 1.x, 4 SDXL)
     MAGICMIX_BATCH_WAIT_MS   how long a GPU container waits for a batch to fill (default 100)
     MAGICMIX_GPU_IDLE_S      an idle GPU container scales down after this (default 30)
     MAGICMIX_GPU_SNAPSHOT    1: snapshot the GPU state too (Modal alpha; default off)
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import modal
+
+from magicmix.families import family_named, guess_family  # standard library only
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -45,10 +47,9 @@ MODEL = os.environ.get("MAGICMIX_MODEL", SD15)
 MODEL_REVISION = os.environ.get("MAGICMIX_MODEL_REVISION", SD15_REVISION if MODEL == SD15 else "")
 DTYPE = os.environ.get("MAGICMIX_DTYPE", "float16")
 # the web tier sizes requests by family without the weights; the GPU class checks it
-FAMILY = os.environ.get("MAGICMIX_MODEL_FAMILY", "sdxl" if "xl" in MODEL.lower() else "sd1")
+FAMILY = family_named(os.environ.get("MAGICMIX_MODEL_FAMILY") or guess_family(MODEL).name)
 MAX_GPUS = int(os.environ.get("MAGICMIX_MAX_GPUS", "4"))
-BATCH_DEFAULT = {"sd1": 8, "sdxl": 4}  # jobs per batch that fit any GPU offered, by family
-BATCH_SIZE = int(os.environ.get("MAGICMIX_BATCH_SIZE", BATCH_DEFAULT[FAMILY]))
+BATCH_SIZE = int(os.environ.get("MAGICMIX_BATCH_SIZE", FAMILY.batch_size))
 BATCH_WAIT_MS = int(os.environ.get("MAGICMIX_BATCH_WAIT_MS", "100"))
 GPU_IDLE_S = int(os.environ.get("MAGICMIX_GPU_IDLE_S", "30"))
 GPU_SNAPSHOT = os.environ.get("MAGICMIX_GPU_SNAPSHOT", "") == "1"
@@ -64,7 +65,7 @@ DEPLOY_ENV = {
     "MAGICMIX_GPU": GPU,
     "MAGICMIX_MODEL": MODEL,
     "MAGICMIX_DTYPE": DTYPE,
-    "MAGICMIX_MODEL_FAMILY": FAMILY,
+    "MAGICMIX_MODEL_FAMILY": FAMILY.name,
     "MAGICMIX_MAX_GPUS": str(MAX_GPUS),
     "MAGICMIX_BATCH_SIZE": str(BATCH_SIZE),
     "MAGICMIX_BATCH_WAIT_MS": str(BATCH_WAIT_MS),

@@ -67,6 +67,7 @@ if str(REPO) not in sys.path:
 
 from magicmix.engine import EngineOptions, MagicMixEngine  # noqa: E402
 from magicmix.engine.builder import (  # noqa: E402
+    ARCH_FAMILY,
     BUILD_SEED,
     _sd15_modules,
     _sdxl_modules,
@@ -300,16 +301,16 @@ def build_components(
         modules = make()
     for module in modules:
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    unet, vae, text_encoder, *second = modules
+    unet, vae, *text_encoders = modules
+    family = ARCH_FAMILY[arch]
     components = Components(
+        family=family,
         vae=vae,  # type: ignore[arg-type]
-        text_encoder=text_encoder,  # type: ignore[arg-type]
-        tokenizer=tokenizer,
-        unet=unet,  # type: ignore[arg-type]
+        denoiser=unet,  # type: ignore[arg-type]
         scheduler=sd_scheduler(),
-        text_encoder_2=second[0] if second else None,  # type: ignore[arg-type]
-        tokenizer_2=build_clip_tokenizer() if second else None,
-        force_zeros_for_empty_prompt=bool(second),
+        text_encoders=tuple(text_encoders),  # type: ignore[arg-type]
+        tokenizers=(tokenizer, *(build_clip_tokenizer() for _ in text_encoders[1:])),
+        zeros_for_empty_prompt=family.zeros_for_empty_prompt,
     )
     sync(device)
     return components, time.perf_counter() - start, path
@@ -439,7 +440,7 @@ def measure_cell(
 def unet_step_seconds(engine: MagicMixEngine, size: int, budget_s: float) -> tuple[float, int]:
     """One guided UNet step at batch 1, shaped exactly as the engine calls it."""
     device, dtype = engine.device, engine.dtype
-    unet = engine.components.unet
+    unet = engine.components.denoiser
     side = size // engine.vae_scale_factor
     generator = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(1, engine.latent_channels, side, side, generator=generator)

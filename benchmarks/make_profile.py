@@ -28,7 +28,7 @@ import sys  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from magicmix.planner.measure import time_batches, time_host_work  # noqa: E402
+from benchmarks.measure import time_batches, time_host_work  # noqa: E402
 from magicmix.planner.profile import GpuProfile  # noqa: E402
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import Comparison, Context, Section, benchmark, interleaved, run_suite
+from magicmix.jobs import TextRead
 from tests.lifecycle_harness import World, make_world
 
 BATCH = 8
@@ -33,6 +34,7 @@ class NoiseEngine:
         class Result:
             def __init__(self, image: Image.Image) -> None:
                 self.image = image
+                self.prompt = self.negative_prompt = TextRead(tokens=1, truncated=False)
 
         sizes = [(r.width, r.height) for r in requests]  # type: ignore[attr-defined]
         return [
@@ -43,15 +45,16 @@ class NoiseEngine:
 
 def store_batch(world: World, size: int) -> None:
     jobs = [world.create(width=size, height=size) for _ in range(BATCH)]
-    claimed = [world.lifecycle.claim(job.id, "bench") for job in jobs]
-    world.runner.run(NoiseEngine(), [job for job in claimed if job is not None])  # type: ignore[arg-type]
+    claimed = world.lifecycle.claim({job.id: "bench" for job in jobs})
+    world.runner.run(NoiseEngine(), claimed)  # type: ignore[arg-type]
 
 
 @benchmark("g", "storing a batch of 8 outputs: one at a time vs 4 threads")
 def store_threads(ctx: Context, out: Section) -> None:
     worlds = {}
     for threads in (1, 4):
-        world = make_world("sqlite", ctx.work_dir / f"store-{threads}")
+        where = ctx.work_dir / f"store-{threads}"
+        world = make_world(f"sqlite:///{where / 'magicmix.sqlite3'}", where)
         world.runner.settings = world.runner.settings.model_copy(update={"store_threads": threads})
         worlds[threads] = world
     for size in ctx.sizes:

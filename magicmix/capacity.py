@@ -8,13 +8,15 @@ says what a given burst will do under these knobs.
 
 Seconds per image at full batch, SD 1.5 architecture, 768x768, 20 steps, kmax 0.5, fp16:
 H200 is measured (benchmarks/results/gpu-h200-2026-11-27.md, batch 8: 0.231 s); the other
-GPUs are scaled from it by dense fp16 throughput and memory bandwidth, unmeasured. SDXL
-at 1024x1024 costs about 4x as much per image (estimate).
+GPUs are scaled from it by dense fp16 throughput and memory bandwidth, unmeasured. Other
+model families cost their `ModelFamily.cost` times as much per image.
 """
 
 from __future__ import annotations
 
 import math
+
+from magicmix.families import DEFAULT, ModelFamily
 
 SECONDS_PER_IMAGE = {
     "H200": 0.23,
@@ -29,13 +31,12 @@ SECONDS_PER_IMAGE = {
     "T4": 3.0,
     "CPU": 2.0,  # the local tiny model at 768 px on 2 cores
 }
-FAMILY_COST = {"sd1": 1.0, "sdxl": 4.0}
 
 
-def seconds_per_image(gpu: str, family: str = "sd1") -> float:
-    """The table's figure for `gpu` (unknown GPUs count as an L40S)."""
+def seconds_per_image(gpu: str, family: ModelFamily = DEFAULT) -> float:
+    """The table's figure for `gpu` (unknown GPUs count as an L40S), for `family`."""
     base = SECONDS_PER_IMAGE.get(gpu.upper(), SECONDS_PER_IMAGE["L40S"])
-    return base * FAMILY_COST.get(family, 1.0)
+    return base * family.cost
 
 
 def queue_limit(*, max_gpus: int, seconds_per_image: float, queue_minutes: float) -> int:

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from magicmix.capacity import queue_limit, seconds_per_image
+from magicmix.families import ModelFamily, family_named, guess_family
 
 # Standard Webhooks' recommended schedule, as offsets in seconds after the job ended.
 WEBHOOK_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
 
     # --- engine ---
     model_revision: str | None = None  # pin a hub model to a commit
-    model_family: Literal["auto", "sd1", "sdxl"] = "auto"  # auto: read from the model
+    model_family: str = "auto"  # a name in families.FAMILIES; auto: read from the model
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = False
     # compiled at load for these sizes ("768x768,1024x1024"); none: the family's size
@@ -121,6 +122,13 @@ class Settings(BaseSettings):
             raise ValueError("webhook_schedule must be non-negative offsets in increasing order")
         return value
 
+    @field_validator("model_family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value != "auto":
+            family_named(value)  # a ValueError naming the known families
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
@@ -136,12 +144,21 @@ class Settings(BaseSettings):
         if not self.max_queue:
             self.max_queue = queue_limit(
                 max_gpus=self.max_gpus,
-                seconds_per_image=self.seconds_per_image or seconds_per_image(self.gpu),
+                seconds_per_image=self.seconds_per_image
+                or seconds_per_image(self.gpu, self.family_guess),
                 queue_minutes=self.queue_minutes,
             )
         if not self.max_queued_per_key:
             self.max_queued_per_key = self.max_queue
         return self
+
+    @property
+    def family_guess(self) -> ModelFamily:
+        """The family as configured, else as the model's name suggests: no file is read
+        (the engine and `families.resolve_family` read the model's own index)."""
+        if self.model_family == "auto":
+            return guess_family(self.model)
+        return family_named(self.model_family)
 
     @property
     def static_api_keys(self) -> list[str]:

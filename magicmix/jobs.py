@@ -16,6 +16,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from magicmix.errors import Busy
+from magicmix.families import ModelFamily
 from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, Submission
 
 _NO_IMAGE = Image.new("RGB", (1, 1))  # stands in where only the schedule matters
@@ -61,12 +62,28 @@ class JobParams(MixParams):
         return "x".join(map(str, self.batch_key()))
 
 
+class TextRead(BaseModel):
+    """How much of one prompt the text encoders read: its tokens, and whether some were cut
+    (CLIP reads 75 besides its start and end markers)."""
+
+    tokens: int
+    truncated: bool
+
+
+class PromptsRead(BaseModel):
+    """What the engine read of a job's prompt and negative prompt; the reply's meta says it."""
+
+    prompt: TextRead
+    negative_prompt: TextRead
+
+
 class JobResult(BaseModel):
     output: list[str]
     generation_time: float
     stored_in: Literal["user", "service"]
     object_names: list[str]
     note: str | None = None
+    prompts: PromptsRead | None = None  # None on results stored before prompts were counted
 
 
 WebhookPhase = Literal["pending", "delivered", "failed", "stopped"]
@@ -206,7 +223,9 @@ class NewJob:
         return WebhookState() if self.params.webhook else None
 
 
-def params_from(submission: Submission, *, family: str, seed: int, image_ref: str) -> JobParams:
+def params_from(
+    submission: Submission, *, family: ModelFamily, seed: int, image_ref: str
+) -> JobParams:
     """A job's params from what the client sent (the image itself is stored apart)."""
     width, height = submission.size_for(family)
     resolved = {"seed", "image_ref", "width", "height"}

@@ -45,6 +45,11 @@ class Meta(BaseModel):
     seed: int
     steps: int
     guidance_scale: float
+    # what the text encoders read, once the job has run (our extension; README "Prompts")
+    prompt_tokens: int | None = None
+    prompt_truncated: bool | None = None
+    negative_prompt_tokens: int | None = None
+    negative_prompt_truncated: bool | None = None
 
 
 class SuccessOut(BaseModel):
@@ -101,6 +106,7 @@ JobOut = SuccessOut | ProcessingOut | FailedOut
 def meta(job: JobRecord) -> Meta:
     p = job.params
     outdir = "outputs" if not job.result or job.result.stored_in == "service" else "s3"
+    read = job.result.prompts if job.result is not None else None
     return Meta(
         H=p.height,
         W=p.width,
@@ -116,6 +122,10 @@ def meta(job: JobRecord) -> Meta:
         seed=p.seed,
         steps=p.steps,
         guidance_scale=p.guidance_scale,
+        prompt_tokens=read.prompt.tokens if read else None,
+        prompt_truncated=read.prompt.truncated if read else None,
+        negative_prompt_tokens=read.negative_prompt.tokens if read else None,
+        negative_prompt_truncated=read.negative_prompt.truncated if read else None,
     )
 
 

@@ -18,10 +18,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from pydantic.fields import FieldInfo
 
 from magicmix.errors import InvalidInput
-from magicmix.families import DEFAULT_SIZE
+from magicmix.families import DEFAULT, FAMILIES, ModelFamily
 
 MAX_SEED = 2**63 - 1
 SIZE_STEP = 8  # SD's VAE downsamples by 8; sizes are rounded down to a multiple of it
+NATIVE_SIZES = " or ".join(f"{f.native_size} ({f.title})" for f in FAMILIES.values())
 
 
 def _valid_text(value: str) -> str:
@@ -51,13 +52,13 @@ class MixParams(BaseModel):
         None,
         ge=256,
         le=1024,
-        description="768 (SD 1.x) or 1024 (SDXL) unless given; rounded down to a multiple of 8",
+        description=f"{NATIVE_SIZES} unless given; rounded down to a multiple of 8",
     )
     height: int | None = Field(
         None,
         ge=256,
         le=1024,
-        description="768 (SD 1.x) or 1024 (SDXL) unless given; rounded down to a multiple of 8",
+        description=f"{NATIVE_SIZES} unless given; rounded down to a multiple of 8",
     )
     kmin: float = Field(
         0.3, ge=0, allow_inf_nan=False, le=1, description="Where the content phase starts"
@@ -84,10 +85,9 @@ class MixParams(BaseModel):
     def _round_down(cls, value: int | None) -> int | None:
         return None if value is None else value // SIZE_STEP * SIZE_STEP
 
-    def size_for(self, family: str) -> tuple[int, int]:
+    def size_for(self, family: ModelFamily) -> tuple[int, int]:
         """(width, height): as asked, else the model family's native size."""
-        native = DEFAULT_SIZE[family]
-        return self.width or native, self.height or native
+        return self.width or family.native_size, self.height or family.native_size
 
     @field_validator("kmax")
     @classmethod
@@ -143,8 +143,8 @@ class MixRequest:
     image: Image.Image
     prompt: str
     negative_prompt: str = default("negative_prompt")
-    width: int = DEFAULT_SIZE["sd1"]
-    height: int = DEFAULT_SIZE["sd1"]
+    width: int = DEFAULT.native_size
+    height: int = DEFAULT.native_size
     kmin: float = default("kmin")
     kmax: float = default("kmax")
     mix_factor: float = default("mix_factor")

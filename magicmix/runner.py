@@ -25,7 +25,7 @@ from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.errors import MagicMixError, StorageError
 from magicmix.inputs.images import decode_image, png_bytes
-from magicmix.jobs import JobRecord, JobResult
+from magicmix.jobs import JobRecord, JobResult, PromptsRead
 from magicmix.lifecycle import Lifecycle
 from magicmix.outputs.store import OutputStore
 from magicmix.outputs.user_bucket import S3Details, UserBucket, check_s3_endpoint
@@ -37,8 +37,15 @@ log = logging.getLogger(__name__)
 
 
 class Mixed(Protocol):
+    """One result of `engine.MagicMixEngine.mix` (`engine.MixResult`)."""
+
     @property
     def image(self) -> Image.Image: ...
+    # how much of each text the encoders read: `tokens` and `truncated` (a `jobs.TextRead`)
+    @property
+    def prompt(self) -> object: ...
+    @property
+    def negative_prompt(self) -> object: ...
 
 
 class Engine(Protocol):
@@ -116,7 +123,8 @@ class JobRunner:
 
         def store(pair: tuple[tuple[JobRecord, MixRequest], Mixed]) -> JobRecord | None:
             (job, _), result = pair
-            return self._store(job, png_bytes(result.image), elapsed)
+            prompts = PromptsRead.model_validate(result, from_attributes=True)
+            return self._store(job, png_bytes(result.image), elapsed, prompts)
 
         pairs = list(zip(runnable, results, strict=True))
         threads = min(self.settings.store_threads, len(pairs))
@@ -127,7 +135,9 @@ class JobRunner:
         with ThreadPoolExecutor(threads, thread_name_prefix="magicmix-store") as pool:
             return list(pool.map(store, pairs))
 
-    def _store(self, job: JobRecord, data: bytes, elapsed: float) -> JobRecord | None:
+    def _store(
+        self, job: JobRecord, data: bytes, elapsed: float, prompts: PromptsRead
+    ) -> JobRecord | None:
         """User bucket first when the key has one; the service store otherwise or as fallback."""
         name = job.output_name
         note = None
@@ -152,6 +162,7 @@ class JobRunner:
                     stored_in="user",
                     object_names=[uploaded.key],
                     note=uploaded.note,
+                    prompts=prompts,
                 )
                 return self._finish(job, result, undo=lambda: bucket.delete(uploaded.key))
         try:
@@ -167,6 +178,7 @@ class JobRunner:
             stored_in="service",
             object_names=[name],
             note=note,
+            prompts=prompts,
         )
         return self._finish(job, result, undo=lambda: self.outputs.delete(name))
 

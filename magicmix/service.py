@@ -25,7 +25,7 @@ from magicmix.backends.base import Dispatcher
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.errors import Busy, Conflict, Forbidden, InvalidInput, NotFound, StorageError
-from magicmix.families import Family
+from magicmix.families import ModelFamily
 from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.inputs.netguard import check_url
 from magicmix.inputs.sources import image_bytes_from_field
@@ -62,7 +62,7 @@ class MagicMixService:
         dispatcher: Dispatcher,
         box: SecretBox,
         links: Links,
-        family: Family,
+        family: ModelFamily,
     ) -> None:
         self.settings = settings
         self.family = family  # sizes requests that give none

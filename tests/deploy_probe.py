@@ -28,6 +28,11 @@ ENVIRONMENTS: dict[str, dict[str, str]] = {
         "MAGICMIX_MODEL": "org/model",
     },
     "capacity": {"MAGICMIX_GPU": "H200", "MAGICMIX_MAX_GPUS": "8", "MAGICMIX_BATCH_WAIT_MS": "50"},
+    "sdxl": {
+        "MAGICMIX_GPU": "H200",
+        "MAGICMIX_MAX_GPUS": "8",
+        "MAGICMIX_MODEL": "stabilityai/stable-diffusion-xl-base-1.0",
+    },
 }
 PROBE = """
 import importlib, json, os, sys
@@ -46,6 +51,7 @@ for name, env in environments.items():
         "module": [m.MAX_GPUS, m.BATCH_SIZE, m.GPU_IDLE_S, m.GPU_SNAPSHOT, m.MODEL_REVISION,
                    m.DEPLOY_ENV["MAGICMIX_MAX_GPUS"], m.download_weights.info().secrets],
         "settings": [s.gpu, s.max_gpus, s.batch_size, s.batch_wait_ms, s.max_queue],
+        "family": [m.FAMILY.name, m.BATCH_SIZE, s.model_family, s.batch_size],
     }
 print(json.dumps(report))
 """

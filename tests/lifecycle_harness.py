@@ -24,7 +24,7 @@ from sqlalchemy import event
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.http.links import HttpLinks
-from magicmix.jobs import JobRecord, QueueLimits
+from magicmix.jobs import JobRecord, QueueLimits, TextRead
 from magicmix.lifecycle import Leases, Lifecycle
 from magicmix.outputs.store import LocalStore
 from magicmix.request import MixRequest
@@ -43,6 +43,8 @@ OPERATOR = "operator-key"
 class Flat:
     image: Image.Image
     seed: int = 0
+    prompt: TextRead = field(default_factory=lambda: TextRead(tokens=1, truncated=False))
+    negative_prompt: TextRead = field(default_factory=lambda: TextRead(tokens=0, truncated=False))
 
 
 class FlatEngine:

@@ -14,6 +14,7 @@ from magicmix.backends.local.compose import build_local_service
 from magicmix.backends.modal import compose
 from magicmix.capacity import queue_limit, seconds_per_image
 from magicmix.config import Settings
+from magicmix.families import SD1, SDXL
 from tests.deploy_probe import deployed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,6 @@ def test_the_queue_holds_minutes_of_work_at_full_scale() -> None:
     assert settings.max_queued_per_key == settings.max_queue  # one tenant by default
     assert Settings(max_queue=64, max_queued_per_key=32).max_queued_per_key == 32
     assert Settings(gpu="H200", max_gpus=16).max_queue > settings.max_queue
-    assert seconds_per_image("L40S", "sdxl") == 4 * seconds_per_image("L40S")
 
 
 def test_the_settings_shape_the_local_worker(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -65,5 +65,14 @@ def test_the_settings_shape_the_modal_containers(tmp_path: Path, pg_url: str) ->
 def test_the_deploy_time_knobs_reach_the_containers_settings() -> None:
     """What `modal deploy` bakes into the images is what a container's Settings derive from."""
     gpu, gpus, batch, wait, max_queue = deployed("capacity")["settings"]
-    assert (gpu, gpus, batch, wait) == ("H200", 8, 8, 50)
+    assert (gpu, gpus, batch, wait) == ("H200", 8, SD1.batch_size, 50)
     assert max_queue == Settings(gpu="H200", max_gpus=8).max_queue
+    assert deployed("capacity")["family"] == ["sd1", SD1.batch_size, "sd1", SD1.batch_size]
+
+
+def test_an_sdxl_deploy_batches_and_queues_as_its_family_says() -> None:
+    """The model id names the family on the laptop; the containers size by it."""
+    assert deployed("sdxl")["family"] == ["sdxl", SDXL.batch_size, "sdxl", SDXL.batch_size]
+    *_, max_queue = deployed("sdxl")["settings"]
+    assert max_queue == Settings(gpu="H200", max_gpus=8, model_family="sdxl").max_queue
+    assert max_queue < deployed("capacity")["settings"][-1] / 3  # 4x the GPU time per image

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from PIL import Image
 
 from magicmix.engine import MagicMixEngine, mix_latents
+from magicmix.engine.conditioning import TextRead
 from magicmix.errors import InvalidInput
 from magicmix.inputs.images import png_bytes
 from magicmix.request import MixRequest
@@ -235,3 +238,20 @@ def test_text_cache_is_used_and_clearable(engine: MagicMixEngine) -> None:
     assert "cache me" in engine._text_cache and "neg" in engine._text_cache
     assert engine.clear_cache() >= 2
     assert not engine._text_cache
+
+
+def test_a_prompt_past_the_encoders_window_is_cut_and_said(
+    engine: MagicMixEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CLIP reads 75 tokens besides its start and end markers; the tiny model's byte-level
+    tokenizer makes one token of each character, so 76 are one too many."""
+    fits, cut = "y" * 75, "z" * 76
+    requests = [
+        MixRequest(image=make_layout_image(), prompt=p, negative_prompt=n, width=256, height=256)
+        for p, n in ((fits, "blurry"), (cut, cut))
+    ]
+    with caplog.at_level(logging.WARNING, logger="magicmix.engine.conditioning"):
+        fitting, too_long = engine.mix(requests, progress=False)
+    assert fitting.prompt == TextRead(75, False) and fitting.negative_prompt == TextRead(6, False)
+    assert too_long.prompt == too_long.negative_prompt == TextRead(76, True)
+    assert caplog.messages == ["a text of 76 tokens was cut to the 75 read"]  # once: cached

@@ -7,13 +7,16 @@ read from the loader's closure (`_declared`): private to modal 1.6, re-check on 
 
 from __future__ import annotations
 
+import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import modal
+import pytest
 from modal._utils.async_utils import synchronizer
 
 import modal_app
@@ -30,15 +33,34 @@ def _declared(function: modal.Function) -> dict[str, Any]:
     )
 
 
-def test_import_needs_no_credentials_network_or_project_deps(tmp_path: Path) -> None:
-    """As on a laptop with only `modal` installed: magicmix is hidden, no Modal token."""
+# modal_app run as on a laptop with `modal` and the checkout alone (scripts/deploy-check)
+ON_A_LAPTOP = runpy.run_path(str(ROOT / "scripts" / "deploy-check"))["ON_A_LAPTOP"]
+LAPTOP = (
+    ON_A_LAPTOP
+    + r"""
+import modal_app
+gpu = modal_app.MagicMix._get_class_service_function().info().gpus
+ours = sorted(m for m in sys.modules if m.split(".")[0] == "magicmix")
+print(json.dumps([modal_app.GPU, gpu, modal_app.FAMILY.name, modal_app.BATCH_SIZE, ours,
+                  "pydantic" in hidden and "torch" in hidden]))
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "family", "batch"),
+    [("", "sd1", 8), ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 4)],
+)
+def test_import_needs_no_credentials_network_or_project_deps(
+    tmp_path: Path, model: str, family: str, batch: int
+) -> None:
+    """As on a laptop with only `modal` installed and no Modal token; the model family
+    (from the model id) and its batch size come from `magicmix.families` alone."""
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MAGICMIX_GPU": "h100"}
-    code = (
-        "import sys; sys.modules['magicmix'] = None; import modal_app;"
-        " print(modal_app.GPU, modal_app.MagicMix._get_class_service_function().info().gpus)"
-    )
+    if model:
+        env["MAGICMIX_MODEL"] = model
     done = subprocess.run(
-        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        [sys.executable, "-W", "error::UserWarning", "-c", LAPTOP],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -47,7 +69,13 @@ def test_import_needs_no_credentials_network_or_project_deps(tmp_path: Path) -> 
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["h100", "[('H100',", "1)]"]
+    gpu, gpus, seen_family, seen_batch, ours, hidden = json.loads(done.stdout)
+    assert (gpu, gpus) == ("h100", [["H100", 1]])
+    assert (seen_family, seen_batch) == (family, batch)
+    # what ran of ours: the families, and the packages above the modules that the images'
+    # `imports()` blocks tried (they need the project's dependencies: skipped here)
+    assert ours == ["magicmix", "magicmix.backends", "magicmix.backends.modal", "magicmix.families"]
+    assert hidden
 
 
 def test_gpu_class_loads_once_from_the_volume_and_scales_to_zero() -> None:

@@ -32,6 +32,7 @@ from magicmix.backends.modal.gpu import GpuWorker
 from magicmix.config import Settings
 from magicmix.engine import MagicMixEngine
 from magicmix.engine.configure import load_for_snapshot
+from magicmix.families import SD1, SDXL
 from magicmix.http.app import create_app
 from magicmix.http.links import EDITING
 from magicmix.jobs import JobResult, JobStatus
@@ -402,15 +403,23 @@ def test_modal_parts_refuse_what_cannot_work_on_modal(
         )
 
 
-def test_download_asks_the_hub_for_the_fp16_files_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_asks_the_hub_for_the_family_fp16_files_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     calls: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(
         weights, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)) or "/cache/hf/x"
     )
     weights.download_weights(Settings(model="org/model", model_revision="abc123"))
-    assert calls == [
-        ("org/model", {"revision": "abc123", "allow_patterns": weights.HUB_ALLOW_PATTERNS})
-    ]
+    weights.download_weights(Settings(model="org/model", model_family="sdxl"))
+    (sd1_repo, sd1), (_, sdxl) = calls
+    assert sd1_repo == "org/model" and sd1["revision"] == "abc123"
+    assert sd1["allow_patterns"] == list(SD1.hub_files) and sdxl["allow_patterns"] == list(
+        SDXL.hub_files
+    )
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in sd1["allow_patterns"]
+    assert not any("_2/" in p or "safety" in p for p in sd1["allow_patterns"])
+    assert {"text_encoder_2/model.fp16.safetensors", "tokenizer_2/*"} <= set(sdxl["allow_patterns"])
 
 
 def test_weights_load_without_touching_cuda(
@@ -423,7 +432,7 @@ def test_weights_load_without_touching_cuda(
 
     monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
     components = load_for_snapshot(Settings(model=str(tiny_model_dir)))
-    for module in (components.unet, components.vae, components.text_encoder):
+    for module in components.modules():
         assert module.device.type == "cpu" and module.dtype == torch.float16
 
 

@@ -29,10 +29,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from benchmarks.calibrate import BurstMeasurement, Calibration, compare_burst
+from magicmix.cli.plan import plan_command
 from magicmix.config import Settings
+from magicmix.families import SD1
 from magicmix.planner import Arrivals, Capacity, GpuProfile, default_profile_path, simulate
-from magicmix.planner.calibrate import BurstMeasurement, Calibration, compare_burst
-from magicmix.planner.cli import plan_command
 from magicmix.planner.report import percentile, summarize, time_weighted_mean
 from magicmix.planner.sim import SimResult
 
@@ -349,14 +350,9 @@ def modal_defaults() -> dict[str, str]:
 
 
 def test_defaults_are_the_deployed_ones() -> None:
+    """The shipped profile is SD 1.5's; a deployment of it batches as its family says."""
     knobs, cap = modal_defaults(), Capacity()
-    tree = ast.parse((ROOT / "modal_app.py").read_text())
-    batch_default = next(
-        ast.literal_eval(node.value)
-        for node in tree.body
-        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "BATCH_DEFAULT"
-    )
-    assert cap.batch_size == batch_default["sd1"]
+    assert cap.batch_size == SD1.batch_size
     assert cap.batch_wait_s == int(knobs["MAGICMIX_BATCH_WAIT_MS"]) / 1000
     assert cap.max_containers == int(knobs["MAGICMIX_MAX_GPUS"])
     assert cap.scaledown_window_s == int(knobs["MAGICMIX_GPU_IDLE_S"])
@@ -508,8 +504,8 @@ def run_local_burst(
     """
     import torch
 
-    from magicmix.planner.calibrate import profile_from_timings
-    from magicmix.planner.measure import time_batches, time_host_work
+    from benchmarks.calibrate import profile_from_timings
+    from benchmarks.measure import time_batches, time_host_work
     from tests.service_fixtures import MIX, serve, service_settings
 
     settings = service_settings(

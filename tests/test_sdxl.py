@@ -19,7 +19,7 @@ from PIL import Image
 from magicmix.engine import MagicMixEngine
 from magicmix.engine.builder import build_random_model
 from magicmix.engine.loading import resolve_device, resolve_dtype
-from magicmix.families import detect_family, resolve_family
+from magicmix.families import SD1, SDXL, detect_family, resolve_family
 from magicmix.http.schemas import SEED_EXAMPLE
 from magicmix.request import MixRequest
 from tests.conftest import make_layout_image, run_cli
@@ -53,17 +53,26 @@ def request(**overrides: Any) -> MixRequest:
 
 
 def test_the_family_is_read_from_the_folder(sdxl_dir: Path, tiny_model_dir: Path) -> None:
-    assert detect_family(str(sdxl_dir)) == "sdxl"
-    assert detect_family(str(tiny_model_dir)) == "sd1"
-    assert detect_family("tiny") == detect_family("toy") == "sd1"
+    assert detect_family(str(sdxl_dir)) is SDXL
+    assert detect_family(str(tiny_model_dir)) is SD1
+    assert detect_family("tiny") is detect_family("toy") is SD1
     assert detect_family("nobody/not-in-the-cache") is None
-    assert resolve_family("nobody/not-in-the-cache") == "sd1"
-    assert resolve_family(str(tiny_model_dir), "sdxl") == "sdxl"  # configured wins
+    assert resolve_family("nobody/not-in-the-cache") is SD1
+    assert resolve_family(str(tiny_model_dir), "sdxl") is SDXL  # configured wins
 
 
-def test_the_engine_reports_its_family(sdxl: MagicMixEngine, engine: MagicMixEngine) -> None:
+def test_the_engine_loads_what_its_family_names(
+    sdxl: MagicMixEngine, engine: MagicMixEngine
+) -> None:
     assert sdxl.describe()["family"] == "sdxl" and engine.describe()["family"] == "sd1"
-    assert sdxl.components.vae.config.scaling_factor == pytest.approx(0.13025)
+    parts = sdxl.components
+    assert parts.family is SDXL and len(parts.text_encoders) == len(parts.tokenizers) == 2
+    assert [type(e).__name__ for e in parts.text_encoders] == [
+        "CLIPTextModel",
+        "CLIPTextModelWithProjection",  # as the checkpoint's model_index.json names it
+    ]
+    assert parts.vae.config.scaling_factor == pytest.approx(SDXL.vae_scale)
+    assert sdxl.vae_scale_factor == SDXL.latent_factor == engine.vae_scale_factor
 
 
 # -- the engine ---------------------------------------------------------------------------
@@ -93,7 +102,7 @@ def test_sdxl_conditioning_reaches_the_unet(
     sdxl: MagicMixEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[dict[str, Any]] = []
-    unet = sdxl.components.unet
+    unet = sdxl.components.denoiser
     real = unet.forward
 
     def spy(sample: torch.Tensor, t: Any, **kwargs: Any) -> Any:
@@ -125,7 +134,7 @@ def test_the_fp16_path_keeps_the_vae_in_fp32(sdxl_dir: Path) -> None:
     half = MagicMixEngine.load(
         str(sdxl_dir), data_dir=sdxl_dir.parent, device="cpu", dtype="float16"
     )
-    assert half.components.unet.dtype == torch.float16
+    assert half.components.denoiser.dtype == torch.float16
     assert half.components.vae.dtype == torch.float32  # force_upcast: SDXL's VAE overflows
     (result,) = half.mix([request(steps=4)], progress=False)
     assert result.image.size == (256, 256)

@@ -105,6 +105,28 @@ def test_numbers_as_strings_and_unknown_fields_are_accepted(
     assert data["meta"]["W"] == 256 and data["meta"]["steps"] == 10
 
 
+def test_a_prompt_cut_to_what_the_encoders_read_is_said_in_meta(
+    running: RunningService, image_host: LoopbackServer
+) -> None:
+    """The tiny model's tokenizer makes a token of each character: 76 are one past CLIP's 75."""
+    long_prompt = "a red circle on a white ground " * 4  # 124 characters, 96 tokens
+    reply = running.mix(
+        image=image_host.url("/layout.png"),
+        prompt=long_prompt,
+        negative_prompt="blurry",
+        steps=2,
+        seed=1,
+    ).json()
+    assert reply["status"] == "success", reply
+    meta = reply["meta"]
+    assert (meta["prompt_tokens"], meta["prompt_truncated"]) == (96, True)
+    assert (meta["negative_prompt_tokens"], meta["negative_prompt_truncated"]) == (6, False)
+    assert running.fetch(reply["id"]).json()["meta"] == meta  # kept with the job
+    short = running.mix(image=image_host.url("/layout.png"), prompt="a red circle", steps=2)
+    assert short.json()["meta"]["prompt_tokens"] == 10
+    assert short.json()["meta"]["prompt_truncated"] is False
+
+
 def test_slow_job_answers_processing_then_fetch_succeeds(
     tmp_path: Path, tiny_model_dir: Path, image_host: LoopbackServer
 ) -> None:

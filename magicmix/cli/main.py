@@ -7,19 +7,21 @@ from typing import Annotated
 
 import typer
 
+from magicmix.cli.db import db_app
 from magicmix.cli.options import (
     ImageOption,
     PromptOption,
     fail,
     mix_params,
     mix_request,
+    model_family,
     option,
 )
+from magicmix.cli.plan import plan_command
 from magicmix.cli.sweep import sweep_command
 from magicmix.config import Settings, get_settings
 from magicmix.errors import MagicMixError
-from magicmix.families import TOY
-from magicmix.planner.cli import plan_command
+from magicmix.families import FAMILIES, TOY
 from magicmix.request import default
 
 app = typer.Typer(
@@ -65,8 +67,10 @@ def mix(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        request = mix_request(image, params, settings)
-        validate_request(request)  # before the model loads: bad values fail in a blink
+        family = model_family(settings)
+        request = mix_request(image, params, family, settings)
+        # before the model loads: bad values fail in a blink
+        validate_request(request, vae_scale_factor=family.latent_factor)
         from magicmix.engine.configure import load_engine
 
         (result,) = load_engine(settings).mix([request], progress=True)
@@ -82,14 +86,16 @@ def mix(
 @app.command("build-tiny")
 def build_tiny(
     directory: Annotated[Path, typer.Argument(help="Output directory.")],
-    arch: Annotated[str, typer.Option(help="'sd1' (SD 1.x layout) or 'sdxl'.")] = "sd1",
+    arch: Annotated[
+        str, typer.Option(help=f"The model family's layout: {', '.join(FAMILIES)}.")
+    ] = "sd1",
 ) -> None:
     """Write a tiny random-weight model (SD 1.x or SDXL layout) as a diffusers folder."""
-    from magicmix.engine.builder import build_random_model
+    from magicmix.engine.builder import TINY_ARCH, build_random_model
 
-    if arch not in ("sd1", "sdxl"):
-        raise fail(f"--arch must be 'sd1' or 'sdxl', got {arch!r}")
-    build_random_model(directory, "tiny" if arch == "sd1" else "tiny-sdxl")
+    if arch not in TINY_ARCH:
+        raise fail(f"--arch must be one of {', '.join(TINY_ARCH)}, got {arch!r}")
+    build_random_model(directory, TINY_ARCH[arch])
     typer.echo(f"wrote the tiny {arch} model to {directory}", err=True)
 
 
@@ -142,6 +148,7 @@ def build_random(
 
 keys_app = typer.Typer(help="Manage API keys (stored hashed).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
 OnModal = Annotated[
     bool, typer.Option("--modal", help="The deployed Modal app's keys, not the local ones.")
 ]

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from magicmix.config import Settings
 from magicmix.errors import InvalidInput
-from magicmix.families import resolve_family
+from magicmix.families import ModelFamily, resolve_family
 from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, describe
 
 
@@ -24,17 +24,19 @@ def option(name: str, **extra: Any) -> Any:
     return typer.Option(help=describe(name), **extra)
 
 
-def model_family(settings: Settings) -> str:
+def model_family(settings: Settings) -> ModelFamily:
     """The configured model's family, read from its folder or the hub cache (no torch)."""
     return resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
 
 
-def mix_request(image: str, params: MixParams, settings: Settings) -> MixRequest:
+def mix_request(
+    image: str, params: MixParams, family: ModelFamily, settings: Settings
+) -> MixRequest:
     """The engine's request from CLI values: sized by the model's family, image decoded as
     the service decodes uploads."""
     from magicmix.inputs.sources import read_image_source
 
-    width, height = params.size_for(model_family(settings))
+    width, height = params.size_for(family)
     return MixRequest(
         image=read_image_source(image, settings, reduce_to=(width, height)),
         **{**params.model_dump(include=set(ENGINE_FIELDS)), "width": width, "height": height},

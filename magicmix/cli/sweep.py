@@ -26,6 +26,7 @@ from magicmix.cli.options import (
     fail,
     mix_params,
     mix_request,
+    model_family,
     option,
 )
 from magicmix.config import get_settings
@@ -248,9 +249,10 @@ def sweep_command(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        base = mix_request(image, params, settings)
+        family = model_family(settings)
+        base = mix_request(image, params, family, settings)
         for request in plan.requests(base):  # refuse a bad cell before loading the model
-            validate_request(request)
+            validate_request(request, vae_scale_factor=family.latent_factor)
         engine = load_engine(settings)
         for kmin_value, kmax_value in plan.skipped:
             typer.echo(f"skipped kmin={kmin_value:g} > kmax={kmax_value:g}", err=True)

@@ -25,9 +25,12 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from magicmix.families import SD1, SDXL, ModelFamily
+
 Arch = Literal["tiny", "sd15", "tiny-sdxl", "sdxl"]
-ARCHES: tuple[Arch, ...] = ("tiny", "sd15", "tiny-sdxl", "sdxl")
-SDXL_SCALING_FACTOR = 0.13025  # SDXL's VAE latents are scaled by this, not SD 1.x's 0.18215
+ARCH_FAMILY: dict[Arch, ModelFamily] = {"tiny": SD1, "sd15": SD1, "tiny-sdxl": SDXL, "sdxl": SDXL}
+ARCHES: tuple[Arch, ...] = tuple(ARCH_FAMILY)
+TINY_ARCH: dict[str, Arch] = {"sd1": "tiny", "sdxl": "tiny-sdxl"}  # by family name
 BUILD_SEED = 20221029  # fixed, so two builds are byte-identical
 CLIP_MAX_TOKENS = 77
 
@@ -191,7 +194,7 @@ def _tiny_sdxl_modules(
         use_linear_projection=True,
     )
     _, _, text_encoder = _tiny_modules(vocab_size)
-    vae = small_vae(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+    vae = small_vae(scaling_factor=SDXL.vae_scale, force_upcast=True)
     config = text_encoder.config.to_dict()
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(**{**config, "projection_dim": 32, "hidden_act": "gelu"})
@@ -219,7 +222,7 @@ def _sdxl_modules() -> tuple[
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    vae = _full_vae(sample_size=1024, scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+    vae = _full_vae(sample_size=1024, scaling_factor=SDXL.vae_scale, force_upcast=True)
     text_encoder = _clip_l()
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(
@@ -276,7 +279,7 @@ def build_random_model(directory: Path, arch: Arch = "tiny") -> Path:
     pipeline: DiffusionPipeline
     with torch.random.fork_rng(devices=[]):  # seed locally, leave global RNG state untouched
         torch.manual_seed(BUILD_SEED)
-        if arch in ("tiny", "sd15"):
+        if ARCH_FAMILY[arch] is SD1:
             unet, vae, text_encoder = (
                 _tiny_modules(vocab_size=len(tokenizer)) if arch == "tiny" else _sd15_modules()
             )

@@ -16,7 +16,6 @@ from magicmix.config import Settings
 from magicmix.engine.compile_cache import CompileCache, CompileKey, device_label, model_label
 from magicmix.engine.loading import Components, load_components, resolve_dtype
 from magicmix.engine.pipeline import EngineOptions, MagicMixEngine
-from magicmix.families import DEFAULT_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ def warm_up(engine: MagicMixEngine, settings: Settings) -> dict[str, float]:
     """
     if not engine.options.compile:
         return {}
-    sizes = settings.compile_sizes or ((DEFAULT_SIZE[engine.family],) * 2,)
+    sizes = settings.compile_sizes or ((engine.family.native_size,) * 2,)
     buckets = tuple(b for b in engine.options.batch_buckets if b <= settings.batch_size)
     key = CompileKey(
         torch_version=torch.__version__,
@@ -117,10 +116,10 @@ def engine_on_device(components: Components, settings: Settings) -> MagicMixEngi
         options=engine_options(settings),
     )
     engine.model_name = engine.source = settings.model
-    if settings.model_family not in ("auto", engine.family):
+    if settings.model_family not in ("auto", engine.family.name):
         raise RuntimeError(
             f"MAGICMIX_MODEL_FAMILY is {settings.model_family} but {settings.model} is"
-            f" {engine.family}: redeploy with the right family (or none, to detect it)"
+            f" {engine.family.name}: redeploy with the right family (or none, to detect it)"
         )
     warm_up(engine, settings)
     return engine

@@ -1,4 +1,4 @@
-"""Find and load the Stable Diffusion components the engine runs on (SD 1.x or SDXL).
+"""Find and load the components the engine runs on, as the checkpoint's family names them.
 
 `MAGICMIX_MODEL` names the model: `toy` (trained, shipped in the package, hash-checked),
 `tiny` (random weights, built offline into the data dir on first use), a local diffusers
@@ -8,46 +8,45 @@ directory, or a Hugging Face hub id (read from the local HF cache when
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ModelMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from magicmix.engine.toy import verified_model_dir
-from magicmix.families import TINY, TOY, Family, family_of
+from magicmix.families import FAMILIES, TINY, TOY, ModelFamily, family_of, listed_components
 
 log = logging.getLogger(__name__)
 
 # from_pretrained builds modules under a process-wide patch of torch.nn (meta-device init),
 # so two loads in two threads (a reload beside a start) corrupt each other: one at a time.
 _LOAD_LOCK = threading.Lock()
+# the libraries a checkpoint's model_index.json may name classes from
+LIBRARIES = ("diffusers", "transformers")
 
 
 @dataclass
 class Components:
-    """The pieces of a checkpoint that MagicMix uses (no safety checker); SDXL has two
-    text encoders and tokenizers."""
+    """The pieces of a checkpoint that MagicMix runs (no safety checker), as its family
+    names them: the text encoders and tokenizers in `family.text_encoders`' order."""
 
+    family: ModelFamily
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    unet: UNet2DConditionModel
+    denoiser: ModelMixin  # SD 1.x and SDXL: a UNet2DConditionModel
     scheduler: DDIMScheduler
-    text_encoder_2: CLIPTextModelWithProjection | None = None
-    tokenizer_2: CLIPTokenizer | None = None
-    force_zeros_for_empty_prompt: bool = False
-
-    @property
-    def family(self) -> Family:
-        return "sdxl" if self.text_encoder_2 is not None else "sd1"
+    text_encoders: tuple[PreTrainedModel, ...]
+    tokenizers: tuple[PreTrainedTokenizerBase, ...]
+    zeros_for_empty_prompt: bool = False  # an empty negative prompt conditions with zeros
 
     def modules(self) -> list[torch.nn.Module]:
         """The weights: what moves between devices."""
-        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m]
+        return [self.denoiser, self.vae, *self.text_encoders]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,39 +85,45 @@ def resolve_model_source(model: str, data_dir: Path) -> str:
 def load_components(
     source: str, *, device: torch.device, dtype: torch.dtype, revision: str | None = None
 ) -> Components:
-    """Load each component once, in `dtype` on `device`; fp16 files are preferred when asked.
+    """Load each component its family names once, in `dtype` on `device`; fp16 files are
+    preferred when asked. Each is of the class the checkpoint's `model_index.json` gives it,
+    as diffusers' pipelines load them.
 
     `revision` pins a hub checkpoint to a commit, so a redeploy never picks up new weights.
     """
     with _LOAD_LOCK:
         variant = "fp16" if dtype == torch.float16 and not Path(source).is_dir() else None
-        common = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
+        weights = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
         index = DiffusionPipeline.load_config(source, revision=revision)
-        unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", revision=revision, **common
+        family = family_of(index)
+        if family is None:
+            raise ValueError(
+                f"{source} is none of the model families magicmix runs ({', '.join(FAMILIES)}):"
+                f" its model_index.json lists {', '.join(listed_components(index))}"
+            )
+
+        def load(folder: str, **options: Any) -> Any:
+            library, class_name = index[folder]
+            if library not in LIBRARIES:
+                raise ValueError(f"{source}: {folder} is a {library}.{class_name}, not loadable")
+            kind = getattr(importlib.import_module(library), class_name)
+            return kind.from_pretrained(source, subfolder=folder, revision=revision, **options)
+
+        components = Components(
+            family=family,
+            vae=load("vae", **weights),
+            denoiser=load(family.denoiser, **weights),
+            # MagicMix is defined with a deterministic sampler; DDIM reads the checkpoint's own
+            # noise schedule from its scheduler config, whatever scheduler class it names.
+            scheduler=DDIMScheduler.from_pretrained(
+                source, subfolder="scheduler", revision=revision
+            ),
+            text_encoders=tuple(load(e.folder, **weights) for e in family.text_encoders),
+            tokenizers=tuple(load(e.tokenizer) for e in family.text_encoders),
+            zeros_for_empty_prompt=bool(
+                index.get("force_zeros_for_empty_prompt", family.zeros_for_empty_prompt)
+            ),
         )
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, **common)
-        text_encoder = CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", revision=revision, **common
-        )
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-        # MagicMix is defined with a deterministic sampler; DDIM reads the checkpoint's own
-        # noise schedule from its scheduler config, whatever scheduler class it names.
-        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
-        second: dict[str, object] = {}
-        if family_of(index) == "sdxl":
-            second = {
-                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                    source, subfolder="text_encoder_2", revision=revision, **common
-                ),
-                "tokenizer_2": CLIPTokenizer.from_pretrained(
-                    source, subfolder="tokenizer_2", revision=revision
-                ),
-                "force_zeros_for_empty_prompt": bool(
-                    index.get("force_zeros_for_empty_prompt", True)
-                ),
-            }
-    components = Components(vae, text_encoder, tokenizer, unet, scheduler, **second)  # type: ignore[arg-type]
     for module in components.modules():
         module.to(device).eval().requires_grad_(False)
     return components

@@ -1,4 +1,4 @@
-"""The MagicMix engine: Algorithm 1 of Liew et al. 2022 (arXiv 2210.16056) on SD 1.x or SDXL.
+"""The MagicMix engine: Algorithm 1 of Liew et al. 2022 (arXiv 2210.16056) on any model family.
 
 MagicMix keeps the *layout* of an image and gives it the *content* of a prompt. With the
 scheduler's timesteps for `steps`, it runs only the last `int(kmax*steps)` of them:
@@ -21,12 +21,12 @@ Where we depart from the paper, and why:
   order (start noise, then one draw per layout step), so results do not depend on the
   device's RNG or on what else shares the batch.
 
-On SDXL the same algorithm runs with SDXL's conditioning: the two text encoders' penultimate
-hidden states side by side, the second encoder's pooled embedding, and the size/crop time
-ids (original = target = the output size, crop (0, 0)), for the unconditional and the
-conditional rows alike; an empty negative prompt is zeros where the checkpoint asks for
-that (`force_zeros_for_empty_prompt`), as diffusers' SDXL pipeline does. SDXL's VAE
-overflows in fp16, so where its config says `force_upcast` it runs in fp32.
+Every family runs the same algorithm; what differs is how prompts condition the denoiser,
+which the family's conditioner does (`conditioning.py`: SDXL's two encoders, pooled
+embedding and size ids). The latent scale and the VAE's downsampling are read from the
+loaded VAE's config. SDXL's VAE overflows in fp16, so where its config says `force_upcast`
+it runs in fp32. A prompt longer than the text encoders read is cut, and each result says
+so (`MixResult.prompt`, `negative_prompt`).
 
 Where we differ from the diffusers community `magic_mix` pipeline: it draws the VAE sample
 from the global RNG before seeding (not reproducible), ignores the negative prompt, mixes
@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +49,8 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTokenizer
 
+from magicmix.engine.conditioning import CONDITIONERS, Conditioning, EncodedText, TextRead
 from magicmix.engine.loading import (
     Components,
     load_components,
@@ -89,41 +89,8 @@ class EngineOptions:
 class MixResult:
     image: Image.Image
     seed: int
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What guides the UNet, for rows [uncond..., cond...]: text, and SDXL's extras."""
-
-    text: torch.Tensor  # (2B, tokens, dim)
-    pooled: torch.Tensor | None = None  # (2B, projection): SDXL's pooled text embedding
-    time_ids: torch.Tensor | None = None  # (2B, 6): SDXL's size and crop conditioning
-
-    def rows(self, index: list[int]) -> Conditioning:
-        return self._map(lambda tensor: tensor[index])
-
-    def padded(self, to: int) -> Conditioning:
-        """Each half padded (with its last row) to `to` rows."""
-
-        def pad(tensor: torch.Tensor) -> torch.Tensor:
-            halves = tensor.chunk(2)
-            missing = to - halves[0].shape[0]
-            return torch.cat([torch.cat([h, h[-1:].expand(missing, *h.shape[1:])]) for h in halves])
-
-        return self._map(pad)
-
-    def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
-        return Conditioning(
-            change(self.text),
-            None if self.pooled is None else change(self.pooled),
-            None if self.time_ids is None else change(self.time_ids),
-        )
-
-    def unet_kwargs(self) -> dict[str, object]:
-        kwargs: dict[str, object] = {"encoder_hidden_states": self.text}
-        if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kwargs
+    prompt: TextRead  # how much of the prompt the text encoders read
+    negative_prompt: TextRead
 
 
 def mix_latents(denoised: torch.Tensor, layout: torch.Tensor, mix_factor: torch.Tensor):
@@ -137,17 +104,6 @@ def vae_input(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).div(127.5).sub(1.0)
 
 
-def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-    """SD's text input: every text padded (or cut) to the tokenizer's 77 tokens."""
-    return tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def guidance_pad(values: torch.Tensor, size: int) -> torch.Tensor:
     """Per-sample scalars padded (with the last one) to `size` rows."""
     missing = size - values.shape[0]
@@ -155,7 +111,7 @@ def guidance_pad(values: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class MagicMixEngine:
-    """Runs batches of `MixRequest`s on one loaded SD 1.x or SDXL model. Knows nothing of HTTP."""
+    """Runs batches of `MixRequest`s on one loaded model of any family. Knows nothing of HTTP."""
 
     def __init__(
         self,
@@ -173,11 +129,14 @@ class MagicMixEngine:
         self.device = device
         self.dtype = dtype
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-        self.latent_channels = components.unet.config.in_channels
+        self.latent_channels = components.vae.config.latent_channels
         self.family = components.family
-        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.conditioner = CONDITIONERS[self.family.conditioning](
+            components, device=device, dtype=dtype, pieces=self._pieces
+        )
+        self._text_cache: OrderedDict[str, EncodedText] = OrderedDict()
         self._text_cache_size = text_cache_size
-        self.unet_calls = 0  # UNet forward passes since load; tests and benchmarks read it
+        self.unet_calls = 0  # denoiser forward passes since load; tests and benchmarks read it
         self._vae_fp32: AutoencoderKL | None = None
         if dtype == torch.float16 and components.vae.config.get("force_upcast", False):
             components.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
@@ -214,7 +173,7 @@ class MagicMixEngine:
         return engine
 
     def _apply_options(self) -> None:
-        unet, vae = self.components.unet, self.components.vae
+        unet, vae = self.components.denoiser, self.components.vae
         if self.options.sdpa:
             unet.set_attn_processor(AttnProcessor2_0())
             vae.set_attn_processor(AttnProcessor2_0())
@@ -241,7 +200,7 @@ class MagicMixEngine:
         """What `system_details` reports about the loaded model."""
         return {
             "model": self.model_name,
-            "family": self.family,
+            "family": self.family.name,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
@@ -275,7 +234,7 @@ class MagicMixEngine:
 
     @torch.inference_mode()
     def mix(self, requests: Sequence[MixRequest], *, progress: bool = True) -> list[MixResult]:
-        """Mix every request; compatible ones (same `batch_key`) share UNet batches.
+        """Mix every request; compatible ones (same `batch_key`) share denoiser batches.
 
         Results come back in the order of `requests`. Sample i of a request seeded s uses
         seed s + i; the API sends one sample per request.
@@ -288,11 +247,11 @@ class MagicMixEngine:
             groups.setdefault(request.batch_key(), []).append(index)
         results: list[MixResult | None] = [None] * len(requests)
         for indices in groups.values():
-            images = self._run_batch(
+            batch = self._run_batch(
                 [requests[i] for i in indices], [seeds[i] for i in indices], progress=progress
             )
-            for i, image in zip(indices, images, strict=True):
-                results[i] = MixResult(image=image, seed=seeds[i])
+            for i, result in zip(indices, batch, strict=True):
+                results[i] = result
         return [r for r in results if r is not None]
 
     def clear_cache(self) -> int:
@@ -307,7 +266,7 @@ class MagicMixEngine:
 
     def _run_batch(
         self, requests: list[MixRequest], seeds: list[int], *, progress: bool
-    ) -> list[Image.Image]:
+    ) -> list[MixResult]:
         first = requests[0]
         scheduler = DDIMScheduler.from_config(self.components.scheduler.config)
         scheduler.set_timesteps(first.steps)
@@ -317,7 +276,8 @@ class MagicMixEngine:
 
         # 1. Layout image -> z0, noised to t = kmax.
         z0 = self._encode_images(requests)
-        conditioning = self._condition(requests)
+        uncond, cond = self._encode_prompts(requests)
+        conditioning = self.conditioner.condition(requests, uncond, cond)
         guidance = self._per_sample([r.guidance_scale for r in requests])
         nu = self._per_sample([r.mix_factor for r in requests])
         latents = scheduler.add_noise(z0, self._noise(generators, z0), timesteps[:1])
@@ -339,7 +299,11 @@ class MagicMixEngine:
                 # 3. Content phase: plain guided denoising.
                 latents = denoised
         # 4. Decode.
-        return self._decode(latents)
+        images = self._decode(latents)
+        return [
+            MixResult(image, seed, prompt=c.read, negative_prompt=u.read)
+            for image, seed, u, c in zip(images, seeds, uncond, cond, strict=True)
+        ]
 
     def _guided_noise(
         self,
@@ -348,7 +312,7 @@ class MagicMixEngine:
         conditioning: Conditioning,
         guidance: torch.Tensor,
     ) -> torch.Tensor:
-        """Classifier-free guidance with uncond and cond in one batched UNet call."""
+        """Classifier-free guidance with uncond and cond in one batched denoiser call."""
         self.unet_calls += 1
         size = latents.shape[0]
         if self.options.batch_invariant and size > 1:  # rows are [uncond..., cond...]
@@ -377,7 +341,7 @@ class MagicMixEngine:
         model_input = torch.cat([latents, latents])
         if self.options.channels_last:
             model_input = model_input.contiguous(memory_format=torch.channels_last)
-        noise = self.components.unet(model_input, t, **conditioning.unet_kwargs()).sample
+        noise = self.conditioner.predict(model_input, t, conditioning)
         uncond, cond = noise.chunk(2)
         return (uncond + guidance_pad(guidance, padded) * (cond - uncond))[:size]
 
@@ -413,57 +377,22 @@ class MagicMixEngine:
             latents = self._fp32_vae().encode(batch.float()).latent_dist.mean
         return latents.to(self.dtype) * vae.config.scaling_factor
 
-    def _condition(self, requests: list[MixRequest]) -> Conditioning:
-        """[uncond..., cond...] rows; the negative prompt is the unconditional text."""
+    def _encode_prompts(
+        self, requests: list[MixRequest]
+    ) -> tuple[list[EncodedText], list[EncodedText]]:
+        """Each request's negative prompt (the unconditional text) and prompt, encoded once
+        per text and kept in an LRU cache: a burst of one prompt encodes it once."""
         texts = [r.negative_prompt for r in requests] + [r.prompt for r in requests]
         missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
         if missing:
-            states, pooled_states = self._encode_texts(missing)
-            for index, text in enumerate(missing):
-                pooled_one = None if pooled_states is None else pooled_states[index]
-                self._text_cache[text] = (states[index], pooled_one)
-        entries = [self._text_cache[t] for t in texts]
+            encoded = self.conditioner.encode(missing)
+            self._text_cache.update(zip(missing, encoded, strict=True))
         for text in texts:
             self._text_cache.move_to_end(text)
+        entries = [self._text_cache[t] for t in texts]
         while len(self._text_cache) > self._text_cache_size:
             self._text_cache.popitem(last=False)
-        hidden = torch.stack([state for state, _ in entries])
-        if self.components.text_encoder_2 is None:
-            return Conditioning(hidden)
-        pooled = torch.stack([p for _, p in entries if p is not None])
-        if self.components.force_zeros_for_empty_prompt:  # as diffusers' SDXL pipeline does
-            empty = [t == "" for t in texts[: len(requests)]] + [False] * len(requests)
-            mask = torch.tensor(empty, device=self.device)
-            hidden = torch.where(mask.view(-1, 1, 1), torch.zeros_like(hidden), hidden)
-            pooled = torch.where(mask.view(-1, 1), torch.zeros_like(pooled), pooled)
-        # original size, crop corner, target size: the output size, uncropped
-        sizes = [[r.height, r.width, 0, 0, r.height, r.width] for r in requests]
-        time_ids = torch.tensor(sizes * 2, dtype=self.dtype, device=self.device)
-        return Conditioning(hidden, pooled, time_ids)
-
-    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per text: its hidden states (and SDXL's pooled embedding)."""
-        parts = self.components
-        if parts.text_encoder_2 is None or parts.tokenizer_2 is None:
-            ids = self._token_ids(parts.tokenizer, texts)
-            hidden = torch.cat([parts.text_encoder(piece)[0] for piece in self._pieces(ids)])
-            return hidden.to(self.dtype), None
-        states, pooled = [], None
-        for tokenizer, encoder in (
-            (parts.tokenizer, parts.text_encoder),
-            (parts.tokenizer_2, parts.text_encoder_2),
-        ):
-            ids = self._token_ids(tokenizer, texts)
-            outputs = [encoder(piece, output_hidden_states=True) for piece in self._pieces(ids)]
-            states.append(torch.cat([out.hidden_states[-2] for out in outputs]))
-            if encoder is parts.text_encoder_2:
-                pooled = torch.cat([out[0] for out in outputs])  # the projected pooled output
-        hidden = torch.cat(states, dim=-1)
-        assert pooled is not None  # nosec B101 - the second encoder ran
-        return hidden.to(self.dtype), pooled.to(self.dtype)
-
-    def _token_ids(self, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-        return token_ids(tokenizer, texts).to(self.device)
+        return entries[: len(requests)], entries[len(requests) :]
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.components.vae

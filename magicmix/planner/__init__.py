@@ -6,7 +6,7 @@ queue limits and 429s, Modal's autoscaler starting GPU containers with a cold st
 card (a `GpuProfile`), idle scale-down, and per-second billing. Pure Python and
 deterministic: no threads, no wall clock, no torch.
 
-    profile = GpuProfile.load("benchmarks/results/profile-h200-2026-11-27.json")
+    profile = GpuProfile.load(default_profile_path())  # the shipped H200 profile
     result = simulate(profile, Capacity(max_containers=8), Arrivals.burst(1000))
     print(render_text(summarize(result, price_per_gpu_hour=4.54)))
 """

@@ -1,9 +1,10 @@
 """Measured figures the planner runs on: GPU seconds per batch by batch size, and cold start.
 
-A `GpuProfile` is a JSON file. The shipped ones (`benchmarks/results/profile-h200-*.json`)
-were made from the H200 runs in `benchmarks/results/gpu-h200-2026-11-27*`; any machine can
-make its own with `python -m benchmarks.make_profile --out FILE`, which times the engine as the
-`MAGICMIX_*` settings configure it.
+A `GpuProfile` is a JSON file. The default one ships in the package (`profiles/`, package
+data, so an installed `magicmix plan` finds it); it and the compiled-path one in
+`benchmarks/results/` were made from the H200 runs in `benchmarks/results/gpu-h200-2026-11-27*`.
+Any machine can make its own with `python -m benchmarks.make_profile --out FILE`, which times
+the engine as the `MAGICMIX_*` settings configure it.
 
 `per_batch_s` holds only what was measured (the engine call, `engine.mix`). After it the job
 runner decodes, PNG-encodes and stores each image in turn (`JobRunner._store`), holding the
@@ -36,8 +37,9 @@ SHIPPED_PROFILE = "profile-h200-2026-11-27.json"
 
 
 def default_profile_path() -> Path:
-    """The shipped H200 profile (fp16 + SDPA, the default engine path), in the repository."""
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "results" / SHIPPED_PROFILE
+    """The shipped H200 profile (fp16 + SDPA, the default engine path): package data, beside
+    this module wherever the package is installed."""
+    return Path(__file__).resolve().with_name("profiles") / SHIPPED_PROFILE
 
 
 class GpuProfile(BaseModel):

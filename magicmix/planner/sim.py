@@ -72,6 +72,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from magicmix.families import SD1
 from magicmix.planner.profile import GpuProfile
 
 # Event kinds, in the order they are handled at the same instant: a finishing batch frees
@@ -85,7 +86,7 @@ class Capacity:
     """The knobs that decide a burst (defaults: `modal_app.py` and `magicmix.config`)."""
 
     max_containers: int = 4  # modal_app's MAGICMIX_MAX_GPUS default
-    batch_size: int = 8  # modal_app's MAGICMIX_BATCH_SIZE default
+    batch_size: int = SD1.batch_size  # modal_app's default for the profiles' family
     batch_wait_s: float = 0.100  # modal_app's MAGICMIX_BATCH_WAIT_MS default / 1000
     scaledown_window_s: float = 30.0  # modal_app's MAGICMIX_GPU_IDLE_S default
     max_queue: int = 64  # the service derives its own (capacity.py); `plan` does the same

@@ -109,11 +109,14 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only transaction: SQLite's shared lock only, so readers never queue."""
+        """A connection for reads, each statement on its own (no BEGIN and COMMIT round
+        trips; SQLite readers never take the write lock, so they never queue)."""
         with _errors(self.dialect), self.engine.connect() as connection:
-            connection.execution_options(sqlite_begin="DEFERRED")
-            with connection.begin():
-                yield connection
+            if self.dialect == "postgresql":
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+            else:  # a local file: a deferred BEGIN costs nothing and never waits for writers
+                connection.execution_options(sqlite_begin="DEFERRED")
+            yield connection
 
     @contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:

@@ -67,7 +67,7 @@ def build_local_service(settings: Settings) -> MagicMixService:
         links=links,
     )
     worker = LocalWorker(
-        family=family,
+        family=family.name,
         lifecycle=lifecycle,
         runner=runner,
         load_engine=lambda: load_engine(settings),

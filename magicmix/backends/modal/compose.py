@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from magicmix.backends.base import EngineInfo
 from magicmix.backends.modal.dispatch import GpuCalls, ModalDispatcher
 from magicmix.config import Settings
-from magicmix.families import Family, resolve_family
+from magicmix.families import ModelFamily, resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits
 from magicmix.keys import key_action
@@ -108,7 +108,7 @@ class ModalParts:
     nudges: WebhookNudges
 
     @property
-    def family(self) -> Family:
+    def family(self) -> ModelFamily:
         """The deploy-time family (MAGICMIX_MODEL_FAMILY); the GPU class checks it."""
         return resolve_family(self.settings.model, self.settings.model_family)
 
@@ -174,7 +174,7 @@ def dispatcher(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> ModalDispa
         gpu=gpu,
         engine=EngineInfo(
             model=parts.settings.model,
-            family=parts.family,
+            family=parts.family.name,
             device=f"cuda ({gpu_name} on Modal)",
             dtype=dtype,
         ),

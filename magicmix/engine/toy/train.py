@@ -39,7 +39,8 @@ from magicmix.engine.builder import (
     sd_scheduler,
     small_vae,
 )
-from magicmix.engine.pipeline import token_ids, vae_input
+from magicmix.engine.conditioning import token_ids
+from magicmix.engine.pipeline import vae_input
 from magicmix.engine.toy import write_manifest
 from magicmix.engine.toy.world import COLOURS, SHAPES, Shape, random_shape, render, sample_spec
 

@@ -1,4 +1,4 @@
-"""`magicmix plan`: the typer command (wired in `magicmix.cli` as `app.command("plan")`).
+"""`magicmix plan`: the simulator (`magicmix.planner`) as a command, beside the others.
 
 Imports nothing heavy (no torch): planning runs anywhere, in well under a second for
 thousands of requests.
@@ -15,6 +15,8 @@ import typer
 from pydantic import ValidationError
 
 from magicmix.capacity import queue_limit
+from magicmix.cli.options import fail
+from magicmix.families import SD1
 from magicmix.planner.profile import GpuProfile, default_profile_path
 from magicmix.planner.report import render_text, summarize
 from magicmix.planner.sim import Arrivals, Capacity, simulate
@@ -23,11 +25,6 @@ from magicmix.planner.sim import Arrivals, Capacity, simulate
 class Linger(StrEnum):
     modal = "modal"
     local = "local"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
 
 
 def plan_command(
@@ -54,8 +51,9 @@ def plan_command(
         Path | None,
         typer.Option(
             help="GpuProfile JSON: per-batch seconds by batch size, cold start (make one with"
-            " `python -m benchmarks.make_profile --out FILE`). Default: the shipped H200 profile,"
-            " benchmarks/results/profile-h200-2026-11-27.json (fp16 + SDPA)."
+            " `python -m benchmarks.make_profile --out FILE`). Default: the H200 profile shipped"
+            " in the package, magicmix/planner/profiles/profile-h200-2026-11-27.json"
+            " (fp16 + SDPA)."
         ),
     ] = None,
     max_gpus: Annotated[
@@ -66,7 +64,7 @@ def plan_command(
     ] = 0,
     batch_size: Annotated[
         int, typer.Option(help="@modal.batched max_batch_size (MAGICMIX_BATCH_SIZE at deploy).")
-    ] = 8,
+    ] = SD1.batch_size,
     batch_wait_ms: Annotated[
         float,
         typer.Option(
@@ -145,17 +143,17 @@ def plan_command(
     idle scale-down, per-second billing) is described in magicmix/planner/sim.py.
     """
     if (burst is None) == (rate is None):
-        raise _fail("give either --burst N or --rate R (with --duration S)")
+        raise fail("give either --burst N or --rate R (with --duration S)")
     path = gpu_profile or default_profile_path()
     try:
         profile = GpuProfile.load(path)
     except FileNotFoundError:
-        raise _fail(f"no profile at {path}; pass --gpu-profile FILE") from None
+        raise fail(f"no profile at {path}; pass --gpu-profile FILE") from None
     except ValidationError as err:
-        raise _fail(f"{path} is not a GpuProfile: {err}") from None
+        raise fail(f"{path} is not a GpuProfile: {err}") from None
     if cold_start_s is not None:
         if cold_start_s < 0:
-            raise _fail("--cold-start-s must be >= 0")
+            raise fail("--cold-start-s must be >= 0")
         profile = profile.with_cold_start(cold_start_s)
     try:
         max_queue = max_queue or queue_limit(
@@ -191,9 +189,9 @@ def plan_command(
                 retry_after_s=retry_after_s,
             )
     except ValueError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if price is not None and price < 0:
-        raise _fail("--price must be >= 0")
+        raise fail("--price must be >= 0")
     summary = summarize(simulate(profile, capacity, arrivals), price_per_gpu_hour=price)
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), indent=2))

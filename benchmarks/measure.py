@@ -1,8 +1,8 @@
 """Timing a loaded engine for a `GpuProfile`: seconds per batch by size, host work per image.
 
 Used by `python -m benchmarks.make_profile` and by the planner's check against the real local
-service (tests/test_planner.py). It takes any object with the engine's
-`mix(requests, progress=False)`, so this module imports no torch.
+service (tests/test_planner.py, with `benchmarks.calibrate`). It takes any object with the
+engine's `mix(requests, progress=False)`, so this module imports no torch.
 """
 
 from __future__ import annotations

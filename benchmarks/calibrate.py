@@ -4,8 +4,8 @@ The measuring half lives in tests/test_planner.py (it runs the local service wit
 test fixtures: uvicorn on loopback, SQLite, the tiny model); this half turns what was
 measured into a prediction and a comparison:
 
-1. profile the service's own engine at the burst's request size (`measure.time_batches`,
-   `measure.time_host_work`) into a `GpuProfile`;
+1. profile the service's own engine at the burst's request size
+   (`benchmarks.measure.time_batches`, `time_host_work`) into a `GpuProfile`;
 2. burst N jobs at the service (sync_wait_s=0, so each POST answers `processing`), poll
    `fetch` until each is `success`; a job's latency is its POST being sent to its success
    being seen, the drain time is the first send to the last success;
@@ -23,9 +23,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from magicmix.planner.profile import GpuProfile
+from magicmix.planner import Arrivals, Capacity, GpuProfile, simulate
 from magicmix.planner.report import percentile
-from magicmix.planner.sim import Arrivals, Capacity, simulate
 
 
 @dataclass
