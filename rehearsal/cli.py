@@ -20,8 +20,11 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+import uvicorn
+
 from rehearsal import fake_modal
 from rehearsal.control import ControlPlane, Options, write_control_file
+from rehearsal.proxy import FrontDoor
 
 log = logging.getLogger("rehearsal")
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
     state_dir = (args.state_dir or Path(tempfile.mkdtemp(prefix="modal-rehearsal-"))).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_web(plane: ControlPlane, port: int, limit_s: float) -> object:
+def serve_web(plane: ControlPlane, port: int, limit_s: float) -> uvicorn.Server:
     """uvicorn serving the front door on 127.0.0.1:PORT, in a thread; returns the server."""
-    import uvicorn
-
-    from rehearsal.proxy import FrontDoor
 
     service = plane.web_service()
     if service is None:

@@ -209,7 +209,7 @@ def fail(reason: str) -> NoReturn:
 
 def main(module_name: str, tag: str) -> None:
     global _link
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fake_modal.install()
     stats = hooks.Stats()
     _link = link = wire.connect(("container", os.environ[fake_modal.ENV_CONTAINER]))

@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rehearsal import client
 from rehearsal.cli import READY
@@ -18,6 +20,15 @@ from tests.http_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "modal-rehearsal"
+
+
+def until(check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll `check` until it is truthy (a bound for a broken build, not a budget)."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+    return value
 
 
 @dataclass

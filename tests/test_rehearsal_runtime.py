@@ -14,17 +14,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import pytest
 
 from rehearsal.fake_modal import Dict, Function, FunctionCall, exception
-from tests.rehearsal_fixtures import ROOT, SCRIPT, Rehearsal, rehearsing
+from tests.rehearsal_fixtures import ROOT, SCRIPT, Rehearsal, rehearsing, until
 from tests.s3_server import DUMMY_AWS_ENV
 
 APP = "sample"
@@ -65,15 +64,6 @@ def fn(name: str, method: str | None = None) -> Function:
 
 def marks(env: dict[str, str], prefix: str) -> list[str]:
     return sorted(p.name for p in Path(env["SAMPLE_DIR"]).glob(f"{prefix}*"))
-
-
-def until(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll `check` until it is truthy (a bound for a broken build, not a budget)."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-    return value
 
 
 # -- calls ---------------------------------------------------------------------------------
