@@ -8,3 +8,5 @@ database and bucket calls; `client` connects a test or benchmark to a running re
 Only documented Modal semantics are emulated, each cited where it is implemented.
 Not part of the wheel: it needs a checkout.
 """
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the plane and containers

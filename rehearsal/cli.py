@@ -22,7 +22,7 @@ from types import FrameType
 
 import uvicorn
 
-from rehearsal import fake_modal
+from rehearsal import LOG_FORMAT, fake_modal
 from rehearsal.control import ControlPlane, Options, write_control_file
 from rehearsal.proxy import FrontDoor
 
@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
     state_dir = (args.state_dir or Path(tempfile.mkdtemp(prefix="modal-rehearsal-"))).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)

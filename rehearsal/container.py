@@ -29,7 +29,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 
-from rehearsal import fake_modal, hooks, wire
+from rehearsal import LOG_FORMAT, fake_modal, hooks, wire
 from rehearsal.fake_modal import FunctionSpec, dumps, exception, loads
 
 log = logging.getLogger("rehearsal.container")
@@ -209,7 +209,7 @@ def fail(reason: str) -> NoReturn:
 
 def main(module_name: str, tag: str) -> None:
     global _link
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     fake_modal.install()
     stats = hooks.Stats()
     _link = link = wire.connect(("container", os.environ[fake_modal.ENV_CONTAINER]))

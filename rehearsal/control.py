@@ -59,13 +59,12 @@ from pathlib import Path
 from typing import Any
 
 from rehearsal import fake_modal, wire
+from rehearsal.dicts import Dicts
 from rehearsal.fake_modal import FunctionSpec, exception
 
 log = logging.getLogger(__name__)
 
-WEEK_S = 7 * 24 * 3600.0
 BLOCKING_OPS = frozenset({"get", "remote", "next", "wait_input"})
-FINAL = frozenset({"success", "failure", "timeout", "terminated"})
 
 
 @dataclass
@@ -89,7 +88,8 @@ class Input:
     tag: str
     method: str | None
     args: bytes
-    state: str = "queued"  # queued, waiting_retry, collecting, running, or one of FINAL
+    # queued, waiting_retry, collecting, running; at the end success, failure, timeout or terminated
+    state: str = "queued"
     retries: int = 0  # `max_retries` spent
     attempts: int = 0
     outcome: tuple[str, Any] | None = None
@@ -124,6 +124,7 @@ class Container:
     port: int | None = None  # a web container's uvicorn
     inflight: int = 0
     failure: str | None = None  # what it reported before dying at start
+    gone: bool = False  # its process exited
 
 
 @dataclass(eq=False)
@@ -158,12 +159,6 @@ class Service:
         return [c for c in self.containers.values() if c.state != "stopping"]
 
 
-@dataclass
-class _Entry:
-    value: bytes
-    touched: float
-
-
 class ControlPlane:
     """Calls, inputs, results, Dicts and containers; serves the wire (`rehearsal/wire.py`)."""
 
@@ -177,7 +172,7 @@ class ControlPlane:
         self._inputs: dict[str, Input] = {}
         self._batches: dict[str, Batch] = {}
         self._containers: dict[str, Container] = {}
-        self._dicts: dict[str, dict[bytes, _Entry]] = {}
+        self.dicts = Dicts()
         self._ids = itertools.count(1)
         self._gpu_batches = 0
         self._stopping = threading.Event()
@@ -186,7 +181,6 @@ class ControlPlane:
         self.failures: dict[str, list[str]] = {}  # why containers failed at start, by function
         self._authkey = secrets.token_bytes(32)
         self._listener = Listener(("127.0.0.1", 0), authkey=self._authkey)
-        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -252,7 +246,6 @@ class ControlPlane:
     def _spawn_thread(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=f"rehearsal-{name}", daemon=True)
         thread.start()
-        self._threads.append(thread)
 
     # -- the wire ----------------------------------------------------------------------
 
@@ -271,7 +264,10 @@ class ControlPlane:
             self._spawn_thread(lambda c=conn: self._serve_peer(c), "peer")
 
     def _serve_peer(self, conn: Connection) -> None:
-        hello = conn.recv()
+        try:
+            hello = conn.recv()
+        except (EOFError, OSError):
+            return
         container = self._containers.get(hello[1]) if hello[0] == "container" else None
         peer = Peer(conn, container)
         if container is not None:
@@ -352,52 +348,7 @@ class ControlPlane:
 
     def op_dict(self, peer: Peer, name: str, create: bool, op: str, *args: Any) -> Any:
         self.counters[f"modal.dict.{op}"] += 1
-        now = time.time()
-        with self._lock:
-            entries = self._dicts.get(name)
-            if entries is None:
-                if not create:
-                    raise exception.NotFoundError(f"Dict '{name}' not found")
-                entries = self._dicts[name] = {}
-            if op == "get":
-                entry = self._live(entries, args[0], now)
-                if entry is None:
-                    return (False, None)
-                entry.touched = now
-                return (True, entry.value)
-            if op == "put":
-                key, value, skip_if_exists = args
-                if skip_if_exists and self._live(entries, key, now) is not None:
-                    return False
-                entries[key] = _Entry(value, now)
-                return True
-            if op == "update":
-                for key, value in args[0]:
-                    entries[key] = _Entry(value, now)
-                return None
-            if op == "pop":
-                entry = self._live(entries, args[0], now)
-                entries.pop(args[0], None)
-                return (entry is not None, entry.value if entry else None)
-            if op == "contains":
-                return self._live(entries, args[0], now) is not None
-            if op == "clear":
-                entries.clear()
-                return None
-            live = [(k, e.value) for k, e in list(entries.items()) if self._live(entries, k, now)]
-            if op == "len":
-                return len(live)
-            if op == "items":
-                return live
-        raise ValueError(f"unknown Dict operation {op!r}")
-
-    @staticmethod
-    def _live(entries: dict[bytes, _Entry], key: bytes, now: float) -> _Entry | None:
-        entry = entries.get(key)
-        if entry is not None and entry.touched < now - WEEK_S:
-            del entries[key]  # 7 days without a read or a write: gone
-            return None
-        return entry
+        return self.dicts.call(name, create, op, *args)
 
     def _input(self, call_id: str) -> Input:
         item = self._inputs.get(call_id)
@@ -451,7 +402,7 @@ class ControlPlane:
             idle_until = time.monotonic() + service.spec.scaledown_window
             while not service.queue:
                 remaining = idle_until - time.monotonic()
-                if self._stopping.is_set() or container.kill_reason:
+                if self._stopping.is_set() or container.kill_reason or container.gone:
                     return None
                 if remaining <= 0 and len(service.alive) > service.spec.min_containers:
                     container.state = "stopping"
@@ -460,7 +411,9 @@ class ControlPlane:
                 service.cv.wait(max(remaining, 0.5))
             container.state = "collecting"
             collect_until = time.monotonic() + wait_ms / 1000
-            while len(container.collecting) < max_size and not self._stopping.is_set():
+            while len(container.collecting) < max_size:
+                if self._stopping.is_set() or container.gone:
+                    return None  # what it collected is back in the queue (`_watch`)
                 if service.queue:
                     item = service.queue.popleft()
                     item.state = "collecting"
@@ -521,15 +474,14 @@ class ControlPlane:
                 crash = True  # its outputs never reach Modal: the container dies first
             else:
                 self._end_batch(batch)
-                if kind == "success":
-                    for item, value in zip(batch.inputs, payload, strict=True):
-                        self._finish(item, ("success", value))
-                elif kind == "failure":
-                    for item in batch.inputs:
+                for i, item in enumerate(batch.inputs):
+                    if item.state != "running":
+                        continue  # ended meanwhile (cancelled with terminate_containers)
+                    if kind == "success":
+                        self._finish(item, ("success", payload[i]))
+                    elif kind == "failure":
                         self._attempt_failed(item, ("failure", payload))
-                else:
-                    self.per_function[batch.container.tag]["terminated"] += len(batch.inputs)
-                    for item in batch.inputs:
+                    else:
                         self._finish(item, ("terminated", "the input was cancelled"))
                 container.batch, container.state = None, "idle"
         if crash:
@@ -556,6 +508,7 @@ class ControlPlane:
     def _finish(self, item: Input, outcome: tuple[str, Any]) -> None:
         item.state, item.outcome, item.batch = outcome[0], outcome, None
         item.done.set()
+        self.per_function[item.tag][f"ended.{outcome[0]}"] += 1
 
     def _attempt_failed(self, item: Input, outcome: tuple[str, Any]) -> None:
         """One failed attempt (an exception, a timeout): retry it under `Retries`, or end."""
@@ -598,7 +551,7 @@ class ControlPlane:
         self._kill(batch.container)
 
     def _crash(self, batch: Batch) -> None:
-        """--crash-gpu-every: SIGKILL the container mid-batch; `_exited` reschedules."""
+        """--crash-gpu-every: SIGKILL the container mid-batch; `_watch` reschedules."""
         with self._lock:
             proc = batch.container.proc
             if batch.finished or proc is None or proc.poll() is not None:
@@ -630,10 +583,14 @@ class ControlPlane:
             return
         alive = service.alive
         want = service.spec.min_containers - len(alive)
-        if not service.spec.web:
+        if not service.spec.web:  # enough containers for the queue, counting free places
             per_batch = service.spec.batch[0] if service.spec.batch else 1
-            free = sum(1 for c in alive if c.state in ("starting", "idle"))
-            want = max(want, math.ceil(len(service.queue) / per_batch) - free)
+            places = sum(
+                per_batch - len(c.collecting)
+                for c in alive
+                if c.state in ("starting", "idle", "collecting")
+            )
+            want = max(want, math.ceil((len(service.queue) - places) / per_batch))
         room = self._cap(service)
         for _ in range(want if room is None else min(want, room)):
             self._start(service)
@@ -682,14 +639,16 @@ class ControlPlane:
                 if container.kill_reason is None:
                     self.counters["crashes"] += 1
                     stats["crashes"] += 1
-                for item in batch.inputs:
+                for item in reversed(batch.inputs):  # to the front, in their order
                     if item.state == "running":  # rescheduled, no retry spent
                         item.state, item.batch = "queued", None
                         service.queue.appendleft(item)
                         stats["rescheduled"] += 1
-            for item in container.collecting:
+            container.gone = True
+            for item in reversed(container.collecting):
                 item.state = "queued"
                 service.queue.appendleft(item)
+            container.collecting = []
             stopping = self._stopping.is_set()
             if not container.ready and not stopping:
                 stats["containers_failed"] += 1

@@ -129,6 +129,10 @@ class Tidy:
     def run(self) -> list[str]:
         return [*self.order, os.environ["SAMPLE_SECRET"]]
 
+    @modal.exit()
+    def leave(self) -> None:
+        (scratch() / f"exited-{os.getpid()}").touch()
+
 
 @app.cls(gpu="any", scaledown_window=SHORT_IDLE)
 class Gpu:
@@ -141,6 +145,11 @@ class Gpu:
 @app.function(scaledown_window=SHORT_IDLE)
 def echo(x: Any) -> Any:
     return x
+
+
+@app.function(min_containers=1, scaledown_window=SHORT_IDLE)
+def warm() -> int:
+    return os.getpid()
 
 
 @app.function(scaledown_window=SHORT_IDLE)

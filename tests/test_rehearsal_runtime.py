@@ -8,6 +8,7 @@ time to pass (a timeout, an overlap), only a lower bound is asserted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -79,6 +81,12 @@ def test_spawn_get_timeout_raises_builtin_timeout_error_and_results_stay(sample:
     assert FunctionCall.from_id(call.object_id).get(timeout=0) == pid  # retrievable later
     assert fn("echo").remote({"a": 1}) == {"a": 1}
 
+    async def with_aio() -> Any:
+        spawned = await fn("echo").spawn.aio(5)
+        return await FunctionCall.from_id(spawned.object_id).get.aio(timeout=60)
+
+    assert asyncio.run(with_aio()) == 5
+
 
 def test_unknown_names_and_ids_raise_not_found(sample: Rehearsal) -> None:
     with pytest.raises(exception.NotFoundError):
@@ -131,7 +139,7 @@ def test_cancelling_one_input_terminates_its_whole_batch_without_retry(
             call.get(timeout=60)
     assert marks(sample_env, "cancelled-c") == ["cancelled-c1", "cancelled-c2", "cancelled-c3"]
     stats = sample.control.function_counters("held")
-    assert stats["terminated"] == 3 and stats.get("retries", 0) == 0
+    assert stats["ended.terminated"] == 3 and stats.get("retries", 0) == 0
     assert [sample.control.input(c.object_id)["attempts"] for c in calls] == [1, 1, 1]
 
 
@@ -185,6 +193,13 @@ def test_max_containers_caps_concurrent_containers(sample: Rehearsal) -> None:
     pids = {call.get(timeout=60) for call in calls}
     assert len(pids) <= 2
     assert sample.control.function_counters("hold")["peak_containers"] == 2
+    until(lambda: not [c for c in sample.control.containers() if c["function"] == "hold"])
+
+
+def test_min_containers_are_started_and_kept_idle(sample: Rehearsal) -> None:
+    warm = until(lambda: [c for c in sample.control.containers() if c["function"] == "warm"])
+    assert len(warm) == 1
+    assert fn("warm").remote() == warm[0]["pid"]  # scaledown_window=2 s: it stayed anyway
 
 
 # -- container lifecycle ----------------------------------------------------------------
@@ -203,9 +218,10 @@ def test_a_connection_open_at_snapshot_time_fails_the_container_loudly(
 
 
 def test_enter_snap_true_runs_before_snap_false_and_secrets_come_from_the_environment(
-    sample: Rehearsal,
+    sample: Rehearsal, sample_env: dict[str, str]
 ) -> None:
     assert fn("Tidy", "run").remote() == ["snap=True", "snap=False", "from-the-environment"]
+    until(lambda: marks(sample_env, "exited-"))  # @modal.exit, when it scaled down
 
 
 def test_a_missing_required_secret_key_refuses_to_start(
@@ -295,7 +311,7 @@ def test_stopping_the_rehearsal_stops_every_container(
         running.control.wait_input(call.object_id, "running")
         httpx.get(f"{running.base_url}/slow", timeout=60).raise_for_status()
         pids = [c["pid"] for c in running.control.containers()]
-        assert len(pids) == 2
+        assert len(pids) == 3  # hold's, web's, and warm's (min_containers=1)
         running.proc.send_signal(signal.SIGINT)
         assert running.proc.wait(60) == 0
     assert not [pid for pid in pids if psutil.pid_exists(pid)]
