@@ -53,6 +53,13 @@ def parser() -> argparse.ArgumentParser:
         default=0.0,
         help="added to every database, bucket and Modal call",
     )
+    p.add_argument(
+        "--max-containers-default",
+        type=int,
+        default=8,
+        metavar="N",
+        help="at most N containers of a function that sets no max_containers (default 8)",
+    )
     p.add_argument("--app", default="modal_app", help="the app's module (default: modal_app)")
     p.add_argument("--state-dir", type=Path, help="Volumes, counters, the control file")
     p.add_argument(
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         crash_gpu_every=args.crash_gpu_every,
         sweep_every=args.sweep_every,
         latency_ms=args.latency_ms,
+        default_max_containers=args.max_containers_default,
     )
     plane = ControlPlane(app, options)
     problems = plane.check_deployable()

@@ -34,7 +34,9 @@ autoscaler starts containers, the crash-loop backoff), the rehearsal's choice is
   and reschedules its other inputs (the docstring).
 - Scaling (https://modal.com/docs/guide/scale): at most `max_containers` (with
   `--gpus N`: at most N containers of GPU functions, together), at least
-  `min_containers`; a container idle for `scaledown_window` exits.
+  `min_containers`; a container idle for `scaledown_window` exits. A function without
+  `max_containers` gets at most `--max-containers-default` (8) here: Modal has no such
+  limit, but this machine has two cores.
 - Schedules (https://modal.com/docs/guide/cron): every period a new input; nothing
   waits for the previous run, so runs may overlap.
 """
@@ -78,6 +80,7 @@ class Options:
     crash_gpu_every: int | None = None
     sweep_every: float | None = None
     latency_ms: float = 0.0
+    default_max_containers: int = 8  # for functions that set none (one machine, not Modal)
 
 
 @dataclass(eq=False)
@@ -567,18 +570,26 @@ class ControlPlane:
 
     # -- scaling -----------------------------------------------------------------------
 
-    def _cap(self, service: Service) -> int | None:
-        """How many more containers `service` may start now (None: no limit)."""
+    def _cap(self, service: Service) -> int:
+        """How many more containers `service` may start now."""
         spec = service.spec
-        room = None if spec.max_containers is None else spec.max_containers - len(service.alive)
+        limit = spec.max_containers
+        if limit is None:
+            limit = self.options.default_max_containers
+        room = limit - len(service.alive)
         if spec.gpu is not None and self.options.gpus is not None:
             gpus = sum(len(s.alive) for s in self._services.values() if s.spec.gpu is not None)
-            gpu_room = self.options.gpus - gpus
-            room = gpu_room if room is None else min(room, gpu_room)
+            room = min(room, self.options.gpus - gpus)
         return room
 
     def _scale(self, service: Service) -> None:
-        """Start the containers the queue needs (called with the lock held)."""
+        """Start the containers the queue needs (called with the lock held).
+
+        "The autoscaler will spin up new containers when there is no capacity available for
+        new inputs" (https://modal.com/docs/guide/scale): with P inputs queued and S free
+        places on containers starting, idle or still collecting a batch, it starts
+        `ceil((P - S) / batch size)`, as `magicmix plan` models it (planner/sim.py).
+        """
         if self._stopping.is_set() or time.monotonic() < service.start_after:
             return
         alive = service.alive
@@ -591,8 +602,7 @@ class ControlPlane:
                 if c.state in ("starting", "idle", "collecting")
             )
             want = max(want, math.ceil((len(service.queue) - places) / per_batch))
-        room = self._cap(service)
-        for _ in range(want if room is None else min(want, room)):
+        for _ in range(min(want, self._cap(service))):
             self._start(service)
 
     def _start(self, service: Service) -> Container:
@@ -702,7 +712,7 @@ class ControlPlane:
                         return container
                 starting = sum(1 for c in service.alive if not c.ready)
                 room = self._cap(service)
-                wanted = starting * limit < service.web_waiters + 1 and (room is None or room > 0)
+                wanted = starting * limit < service.web_waiters + 1 and room > 0
                 if wanted and time.monotonic() >= service.start_after:
                     self._start(service)
                 service.web_waiters += 1
