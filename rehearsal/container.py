@@ -156,11 +156,12 @@ class Container:
             os._exit(1)
 
     def flush_stats(self) -> None:
-        while True:
-            threading.Event().wait(1.0)
-            deltas = self.stats.take()
-            if deltas:
-                self.link.call("stats", deltas)
+        """Every second, the counts since the last report (a kill loses at most a second)."""
+        with contextlib.suppress(wire.WireClosed):
+            while not threading.Event().wait(1.0):
+                deltas = self.stats.take()
+                if deltas:
+                    self.link.call("stats", deltas)
 
     # -- a web function -------------------------------------------------------------------
 

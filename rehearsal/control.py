@@ -18,7 +18,9 @@ autoscaler starts containers, the crash-loop backoff), the rehearsal's choice is
 - Timeouts (https://modal.com/docs/guide/timeouts): an attempt longer than `timeout` is
   a failed attempt ending in `FunctionTimeoutError` once retries are spent, and "each
   retry starts a new execution timeout". The container is killed: the client has no
-  in-container timeout (container_io_manager.py), so it is ended from outside.
+  in-container timeout (container_io_manager.py), so it is ended from outside. A batch
+  is one execution (one `IOContext`), so one timeout covers the batch and every input of
+  it fails; the docs say nothing of batches here.
 - Crashes (https://modal.com/docs/guide/retries, "Container crashes"): "Modal will
   reschedule the container and any work it was currently assigned"; for deployed apps
   "container crashes will be retried indefinitely", with "a crash-loop backoff". So an
@@ -308,17 +310,17 @@ class ControlPlane:
             )
 
     def op_spawn(self, peer: Peer, tag: str, method: str | None, args: bytes) -> str:
-        self.counters["modal.spawn"] += 1
+        self.count("modal.spawn")
         return self._enqueue(tag, method, args).id
 
     def op_remote(self, peer: Peer, tag: str, method: str | None, args: bytes) -> Any:
-        self.counters["modal.remote"] += 1
+        self.count("modal.remote")
         item = self._enqueue(tag, method, args)
         item.done.wait()
         return item.outcome
 
     def op_get(self, peer: Peer, call_id: str, timeout: float | None) -> tuple[str, Any]:
-        self.counters["modal.get"] += 1
+        self.count("modal.get")
         item = self._input(call_id)
         if not item.done.wait(timeout):
             return ("pending", None)
@@ -326,7 +328,7 @@ class ControlPlane:
         return item.outcome
 
     def op_cancel(self, peer: Peer, call_id: str, terminate_containers: bool) -> None:
-        self.counters["modal.cancel"] += 1
+        self.count("modal.cancel")
         item = self._input(call_id)
         kill: Container | None = None
         with self._lock:
@@ -350,7 +352,7 @@ class ControlPlane:
             self._kill(kill)
 
     def op_dict(self, peer: Peer, name: str, create: bool, op: str, *args: Any) -> Any:
-        self.counters[f"modal.dict.{op}"] += 1
+        self.count(f"modal.dict.{op}")
         return self.dicts.call(name, create, op, *args)
 
     def _input(self, call_id: str) -> Input:
@@ -476,7 +478,7 @@ class ControlPlane:
             if batch.crash:
                 crash = True  # its outputs never reach Modal: the container dies first
             else:
-                self._end_batch(batch)
+                self._end_batch(batch, completed=True)
                 for i, item in enumerate(batch.inputs):
                     if item.state != "running":
                         continue  # ended meanwhile (cancelled with terminate_containers)
@@ -494,16 +496,21 @@ class ControlPlane:
         with self._lock:
             self.counters.update(deltas)
 
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
     def _container(self, peer: Peer) -> Container:
         if peer.container is None:
             raise exception.InvalidError("only a container may call this")
         return peer.container
 
-    def _end_batch(self, batch: Batch) -> None:
+    def _end_batch(self, batch: Batch, *, completed: bool = False) -> None:
+        """No more outcome from it; a completed one's duration times the next crash."""
         batch.finished = True
         if batch.timer is not None:
             batch.timer.cancel()
-        if batch.started_at is not None:
+        if completed and batch.started_at is not None:
             self._services[batch.container.tag].durations.append(
                 time.monotonic() - batch.started_at
             )
@@ -689,7 +696,7 @@ class ControlPlane:
 
     def _schedule(self, tag: str, period_s: float) -> None:
         while not self._stopping.wait(period_s):
-            self.counters["scheduled_runs"] += 1
+            self.count("scheduled_runs")
             self._enqueue(tag, None, fake_modal.dumps(((), {})))
 
     # -- the web function ------------------------------------------------------------------

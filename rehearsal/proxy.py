@@ -89,7 +89,7 @@ class FrontDoor:
                 task.add_done_callback(
                     lambda _: loop.call_later(KEEP_RESULT_S, self.pending.pop, call_id, None)
                 )
-            self.plane.counters["web.redirects_303"] += 1
+            self.plane.count("web.redirects_303")
             location = f"{scope['path']}?{RESULT_PARAM}={call_id}".encode()
             await _send(send, (303, [(b"location", location)], b""))
             return
