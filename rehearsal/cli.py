@@ -23,8 +23,9 @@ from types import FrameType
 import uvicorn
 
 from rehearsal import LOG_FORMAT, fake_modal
-from rehearsal.control import ControlPlane, Options, write_control_file
+from rehearsal.control import ControlPlane, write_control_file
 from rehearsal.proxy import FrontDoor
+from rehearsal.state import Options
 
 log = logging.getLogger("rehearsal")
 ROOT = Path(__file__).resolve().parent.parent

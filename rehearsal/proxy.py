@@ -24,7 +24,8 @@ from urllib.parse import parse_qs
 
 import httpx
 
-from rehearsal.control import ControlPlane, Service
+from rehearsal.control import ControlPlane
+from rehearsal.state import Service
 
 RESULT_PARAM = "__rehearsal_result"
 COUNTERS_PATH = "/__rehearsal__/counters"
