@@ -35,7 +35,7 @@ run: install
 	$(BIN)/magicmix serve --host $(HOST) --port $(PORT) --print-curl
 
 lint: install
-	$(BIN)/ruff check magicmix tests benchmarks infra scripts/lock.py scripts/sabotage.py scripts/deploy-check modal_app.py
+	$(BIN)/ruff check magicmix rehearsal tests benchmarks infra scripts/lock.py scripts/sabotage.py scripts/deploy-check scripts/modal-rehearsal modal_app.py
 	$(BIN)/mypy
 	$(BIN)/bandit -q -c pyproject.toml -r magicmix
 	$(BIN)/lint-imports

@@ -1,0 +1,77 @@
+"""The `modal` package as the rehearsal gives it to the app: declarations and client calls.
+
+Installed into `sys.modules["modal"]` (`install()`) before the app module is imported, in
+the control plane and in every emulated container. Declarations (`App.function`,
+`App.cls`, the decorators, `Image`, `Secret`, `Volume`) only record what the app asks
+for; client calls (`spawn`, `FunctionCall.get`, `Dict.put`, ...) go over the wire to the
+control plane (`rehearsal/control.py`), which holds the calls, inputs and Dicts.
+
+Only documented behaviour is emulated; each class says where it is documented. Options
+that matter only to Modal's scheduler or billing (cpu, memory, region, cloud, proxy, ...)
+are accepted and ignored, and listed in `functions.IGNORED_OPTIONS`; an unknown option is
+a TypeError, as in Modal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rehearsal.fake_modal import exception
+from rehearsal.fake_modal._common import ENV_CONTAINER, ENV_STATE_DIR, ENV_WEB_URL, dumps, loads
+from rehearsal.fake_modal.functions import (
+    App,
+    Cls,
+    Function,
+    FunctionCall,
+    FunctionSpec,
+    PartialFunction,
+    asgi_app,
+    batched,
+    concurrent,
+    enter,
+    exit,
+    method,
+)
+from rehearsal.fake_modal.resources import Cron, Dict, Image, Period, Retries, Secret, Volume
+
+__all__ = [
+    "ENV_CONTAINER",
+    "ENV_STATE_DIR",
+    "ENV_WEB_URL",
+    "App",
+    "Cls",
+    "Cron",
+    "Dict",
+    "Function",
+    "FunctionCall",
+    "FunctionSpec",
+    "Image",
+    "PartialFunction",
+    "Period",
+    "Retries",
+    "Secret",
+    "Volume",
+    "asgi_app",
+    "batched",
+    "concurrent",
+    "dumps",
+    "enter",
+    "exception",
+    "exit",
+    "install",
+    "is_local",
+    "loads",
+    "method",
+]
+
+
+def install() -> None:
+    """Make `import modal` (and `modal.exception`) give this package in this process."""
+    sys.modules["modal"] = sys.modules[__name__]
+    sys.modules["modal.exception"] = exception
+
+
+def is_local() -> bool:
+    """True outside an (emulated) container, as `modal.is_local()`."""
+    return ENV_CONTAINER not in os.environ
