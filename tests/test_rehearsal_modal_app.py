@@ -21,6 +21,7 @@ import pytest
 
 from magicmix.http.links import EDITING
 from magicmix.http.schemas import SEED_EXAMPLE
+from magicmix.store.testing import TempPostgres
 from rehearsal.fake_modal import Dict
 from tests.conftest import make_layout_image
 from tests.rehearsal_fixtures import Rehearsal, rehearsing, until
@@ -32,7 +33,7 @@ ADMIN, OTHER = "mm_static_rehearsal_key_one", "mm_static_rehearsal_key_two"
 LAYOUT = "data:image/png;base64," + base64.b64encode(png(make_layout_image(256, 256))).decode()
 
 
-def app_env(s3_server: str, model_dir: Path, **knobs: str) -> dict[str, str]:
+def app_env(s3_server: str, model_dir: Path, database_url: str, **knobs: str) -> dict[str, str]:
     """The `magicmix` and `magicmix-s3` secrets and the deploy-time knobs, as environment."""
     bucket = f"rehearsal-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name=REGION, **_credentials()).create_bucket(
@@ -43,6 +44,7 @@ def app_env(s3_server: str, model_dir: Path, **knobs: str) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "MAGICMIX_MODEL": str(model_dir),
         "MAGICMIX_SECRET_KEY": "rehearsal-secret-key-0123456789",
+        "MAGICMIX_DATABASE_URL": database_url,
         "MAGICMIX_STORE_URL": f"s3://{bucket}/out",
         "MAGICMIX_S3_ENDPOINT_URL": s3_server,
         "MAGICMIX_API_KEYS": f"{ADMIN},{OTHER}",
@@ -79,9 +81,12 @@ def until_done(http: httpx.Client, job_id: int, key: str, timeout: float) -> dic
 
 @pytest.fixture(scope="module")
 def deployed(
-    tmp_path_factory: pytest.TempPathFactory, s3_server: str, tiny_model_dir: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    s3_server: str,
+    tiny_model_dir: Path,
+    postgres: TempPostgres,
 ) -> Iterator[Rehearsal]:
-    env = app_env(s3_server, tiny_model_dir)
+    env = app_env(s3_server, tiny_model_dir, postgres.fresh_url())
     with rehearsing(tmp_path_factory.mktemp("rehearsal"), env=env, app="modal_app") as running:
         yield running
 
