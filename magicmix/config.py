@@ -185,10 +185,19 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.database_path}"
 
     def secret_key_bytes(self) -> bytes:
-        """The service secret: from the environment, else generated once into the data dir."""
+        """The service secret: from the environment, else generated once into the data dir.
+
+        Never generated for a shared (PostgreSQL) database: every process using it must
+        hash keys and decrypt secrets alike, and a secret made up here would not match.
+        """
         if self.secret_key is not None:
             return self.secret_key.get_secret_value().encode()
         path = self.data_dir / "secret.key"
+        if not path.exists() and not self.effective_database_url.startswith("sqlite"):
+            raise ValueError(
+                "MAGICMIX_SECRET_KEY is not set: every process that shares a PostgreSQL"
+                " database needs the same service secret (the one the deployment was given)"
+            )
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
             # written aside then linked into place, so no process ever reads a half-written key

@@ -54,3 +54,16 @@ def test_an_unreachable_database_is_said_plainly_without_its_password(
     assert checked.exit_code == 2
     assert "cannot use the database at postgresql://magicmix:***@127.0.0.1" in checked.output
     assert "hunter2" not in checked.output
+
+
+def test_keys_for_a_shared_database_need_the_deployments_secret(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop making keys for a deployment without its secret would make keys no
+    container can check: refused, instead of a secret made up on the spot."""
+    env = {"MAGICMIX_DATA_DIR": str(tmp_path), "MAGICMIX_DATABASE_URL": pg_url}
+    made = run_cli(monkeypatch, env, "keys", "create")
+    assert made.exit_code == 2 and "MAGICMIX_SECRET_KEY is not set" in made.output
+    assert not (tmp_path / "secret.key").exists()
+    made = run_cli(monkeypatch, {**env, "MAGICMIX_SECRET_KEY": SECRET}, "keys", "create")
+    assert made.exit_code == 0 and made.output.startswith("mm_")

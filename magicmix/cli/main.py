@@ -168,6 +168,8 @@ def _keys(action: str, *, on_modal: bool, key_id: str = "", admin: bool = False)
         return key_action(open_key_store(get_settings()), action, key_id=key_id, admin=admin)
     except MagicMixError as err:
         raise fail(err.message) from err
+    except ValueError as err:  # a setting that cannot work, said plainly
+        raise fail(str(err)) from err
 
 
 @keys_app.command("create")
