@@ -74,8 +74,9 @@ def counting(database: Database) -> Iterator[Wire]:
     def statement(*_: Any) -> None:
         wire.statements += 1
 
-    def transaction(*_: Any) -> None:
-        wire.transactions += 1
+    def transaction(connection: Any) -> None:
+        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            wire.transactions += 1  # in autocommit no BEGIN or COMMIT goes to the server
 
     def checkout(*_: Any) -> None:
         wire.checkouts += 1
