@@ -5,6 +5,10 @@ Numbered as in the issue (#22). Loopback only; waits are on events, not on the c
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -12,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from magicmix.config import Settings
+from magicmix.errors import InvalidInput, PayloadTooLarge
+from magicmix.inputs.fetch import fetch_image_bytes
 from magicmix.webhooks import MAX_RETRY_AFTER_S, _retry_after_s
 from tests.http_fixtures import Handler, LoopbackServer, respond
 from tests.test_jobs import Clock
@@ -121,3 +127,117 @@ def test_1_an_unforeseen_error_in_an_attempt_is_recorded_not_raised(
     assert state.phase == "pending" and state.attempts == 1
     assert state.last_error == "the attempt failed unexpectedly (LookupError)"
     assert world.webhook(job.id) == state
+
+
+# -- 2. compressed image URLs that multiplied memory ------------------------------------------
+
+BOMB_LIMIT = 64 * 1024  # MAGICMIX_MAX_IMAGE_BYTES in these tests
+IMAGE = bytes(range(256)) * 200  # 51 KB, under the limit: content is not inspected here
+
+
+def zeros_gzip(megabytes: int) -> bytes:
+    """gzip of `megabytes` MB of zeros (~1000:1), built a megabyte at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(2**20)
+    return b"".join(packer.compress(block) for _ in range(megabytes)) + packer.flush()
+
+
+def deflate(data: bytes) -> bytes:
+    return zlib.compress(data)
+
+
+def encoded(body: bytes, coding: str) -> Handler:
+    return respond(200, body, {"Content-Type": "image/png", "Content-Encoding": coding})
+
+
+@pytest.fixture(scope="module")
+def bombs() -> Iterator[LoopbackServer]:
+    with LoopbackServer() as server:
+        server.route("/bomb.gz", encoded(zeros_gzip(64), "gzip"))  # 64 KB -> 64 MB
+        server.route("/nested.gz", encoded(gzip.compress(zeros_gzip(64)), "gzip, gzip"))
+        server.route("/plain", respond(200, IMAGE, {"Content-Type": "image/png"}))
+        server.route("/image.gz", encoded(gzip.compress(IMAGE), "gzip"))
+        server.route("/image.xgz", encoded(gzip.compress(IMAGE), "x-gzip"))
+        server.route("/image.deflate", encoded(deflate(IMAGE), "deflate"))
+        server.route("/image.gz.gz", encoded(gzip.compress(gzip.compress(IMAGE)), "gzip, gzip"))
+        server.route("/image.id.gz", encoded(gzip.compress(IMAGE), "identity, GZIP"))
+        server.route("/too-big.gz", encoded(gzip.compress(IMAGE * 2), "gzip"))
+        server.route("/three.gz", encoded(IMAGE, "gzip, gzip, gzip"))
+        server.route("/br", encoded(IMAGE, "br"))
+        server.route("/zstd", encoded(IMAGE, "zstd"))
+        server.route("/unknown", encoded(IMAGE, "x-mystery"))
+        server.route("/corrupt.gz", encoded(b"\x1f\x8b" + IMAGE, "gzip"))
+        server.route("/truncated.gz", encoded(gzip.compress(IMAGE)[:-40], "gzip"))
+        yield server
+
+
+@pytest.fixture
+def bomb_settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, allow_private_urls=True, max_image_bytes=BOMB_LIMIT)
+
+
+def fetch(url: str, settings: Settings) -> bytes:
+    return asyncio.run(fetch_image_bytes(url, settings))
+
+
+def peak_bytes_of(url: str, settings: Settings) -> tuple[int, Exception | None]:
+    """The most memory Python held at once while fetching `url`, and what it raised."""
+    tracemalloc.start()
+    try:
+        fetch(url, settings)
+        raised = None
+    except InvalidInput as err:
+        raised = err
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak, raised
+
+
+@pytest.mark.parametrize("path", ["/bomb.gz", "/nested.gz"])
+def test_2_a_compressed_bomb_never_holds_more_than_the_image_limit(
+    bombs: LoopbackServer, bomb_settings: Settings, path: str
+) -> None:
+    """httpx inflated each 64 KB network read whole (64 MB); decoding is ours, bounded."""
+    baseline, _ = peak_bytes_of(bombs.url("/plain"), bomb_settings)
+    peak, raised = peak_bytes_of(bombs.url(path), bomb_settings)
+    assert isinstance(raised, PayloadTooLarge)
+    assert peak < baseline + 4 * BOMB_LIMIT, f"held {peak} bytes at once"
+
+
+def test_2_image_fetches_ask_for_an_uncompressed_body(
+    bombs: LoopbackServer, bomb_settings: Settings
+) -> None:
+    watch = bombs.watch("/plain")
+    assert fetch(bombs.url("/plain"), bomb_settings) == IMAGE
+    assert watch.completed.is_set()
+    assert bombs.requests[-1].headers["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    "path", ["/image.gz", "/image.xgz", "/image.deflate", "/image.gz.gz", "/image.id.gz"]
+)
+def test_2_a_gzip_or_deflate_body_sent_anyway_is_decoded(
+    bombs: LoopbackServer, bomb_settings: Settings, path: str
+) -> None:
+    assert fetch(bombs.url(path), bomb_settings) == IMAGE
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("/too-big.gz", "larger than 65536 bytes"),
+        ("/three.gz", "compressed 3 times over"),
+        ("/br", "compressed as br"),
+        ("/zstd", "compressed as zstd"),
+        ("/unknown", "compressed as x-mystery"),
+        ("/corrupt.gz", "gzip body is corrupt"),
+        ("/truncated.gz", "gzip body is truncated"),
+    ],
+)
+def test_2_other_codings_and_broken_streams_are_refused_clearly(
+    bombs: LoopbackServer, bomb_settings: Settings, path: str, why: str
+) -> None:
+    with pytest.raises(InvalidInput, match=why) as refused:
+        fetch(bombs.url(path), bomb_settings)
+    assert refused.value.field == "image"
