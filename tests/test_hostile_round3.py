@@ -6,7 +6,10 @@ Numbered as in the issue (#22). Loopback only; waits are on events, not on the c
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
+import io
+import random
 import tracemalloc
 import zlib
 from collections.abc import Iterator
@@ -14,12 +17,15 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageCms, PngImagePlugin
 
 from magicmix.config import Settings
 from magicmix.errors import InvalidInput, PayloadTooLarge
 from magicmix.inputs.fetch import fetch_image_bytes
+from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.webhooks import MAX_RETRY_AFTER_S, _retry_after_s
 from tests.http_fixtures import Handler, LoopbackServer, respond
+from tests.service_fixtures import RunningService
 from tests.test_jobs import Clock
 from tests.test_webhooks import World
 
@@ -47,7 +53,7 @@ def hook_world(tmp_path: Path) -> Iterator[tuple[World, LoopbackServer, Clock]]:
 NOT_DIGITS = ["²", "①", "٣", "５", "1e3", "-5", "5.5", "0x10", "+5", "5 s", "", " "]
 
 
-@pytest.mark.parametrize("value", NOT_DIGITS + ["Wed, ١٢ Oct 2030 07:28:00 GMT"])
+@pytest.mark.parametrize("value", [*NOT_DIGITS, "Wed, ١٢ Oct 2030 07:28:00 GMT"])
 def test_1_retry_after_that_is_not_ascii_digits_or_a_date_is_ignored(value: str) -> None:
     assert _retry_after_s(value) is None
 
@@ -241,3 +247,153 @@ def test_2_other_codings_and_broken_streams_are_refused_clearly(
     with pytest.raises(InvalidInput, match=why) as refused:
         fetch(bombs.url(path), bomb_settings)
     assert refused.value.field == "image"
+
+
+# -- 3. metadata that was accepted, then failed the job ---------------------------------------
+
+MB = 2**20
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def padded_profile(size: int) -> bytes:
+    """A real sRGB profile padded with random bytes to `size` (incompressible, as the
+    tables of a large real profile; LittleCMS reads the header's size and tag table)."""
+    return SRGB + random.Random(size).randbytes(size - len(SRGB))
+
+
+def swapped_primaries() -> bytes:
+    """sRGB with the red and blue primaries swapped: red pixels tagged so are blue."""
+    profile = bytearray(SRGB)
+    red, blue = profile.index(b"rXYZ"), profile.index(b"bXYZ")
+    profile[red + 4 : red + 8], profile[blue + 4 : blue + 8] = (
+        profile[blue + 4 : blue + 8],
+        profile[red + 4 : red + 8],
+    )
+    return bytes(profile)
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def big_chunks_png(kind: str, size: int = 2 * MB) -> bytes:
+    """A 64x64 PNG with one large metadata chunk of `kind`."""
+    image, info = Image.new("RGB", (64, 64), (20, 160, 60)), PngImagePlugin.PngInfo()
+    filler = random.Random(1).randbytes(size // 2).hex()  # text, and incompressible
+    options: dict[str, object] = {"pnginfo": info}
+    if kind == "tEXt":
+        info.add_text("Comment", filler)
+    elif kind == "zTXt":
+        info.add_text("Comment", filler, zip=True)
+    elif kind == "iTXt":
+        info.add_itxt("Comment", filler, zip=True)
+    elif kind == "eXIf":
+        options["exif"] = b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + bytes(size)
+    elif kind == "iCCP":
+        options["icc_profile"] = padded_profile(size)
+    return encode(image, "PNG", **options)
+
+
+def layout_of(data: bytes) -> bytes:
+    """What the service stores for a job: decoded at submission, PNG-encoded."""
+    return png_bytes(decode_image(data, max_pixels=40_000_000, reduce_to=(256, 256)))
+
+
+def test_3_a_64px_layout_with_a_5mb_profile_is_small_and_carries_no_metadata() -> None:
+    jpeg = encode(
+        Image.new("RGB", (64, 64), (200, 40, 40)), "JPEG", icc_profile=padded_profile(5 * MB)
+    )
+    layout = layout_of(jpeg)
+    assert len(layout) < 4096, f"{len(layout)} bytes"  # was 5,244,587
+    stored = Image.open(io.BytesIO(layout))
+    assert stored.info == {} and stored.size == (64, 64)
+    assert decode_image(layout, max_pixels=4096).getpixel((0, 0)) == stored.convert("RGB").getpixel(
+        (0, 0)
+    )
+
+
+def test_3_an_embedded_profile_is_applied_to_srgb_before_it_is_dropped() -> None:
+    red = Image.new("RGB", (32, 32), (200, 30, 30))
+    tagged = decode_image(encode(red, "PNG", icc_profile=swapped_primaries()), max_pixels=4096)
+    assert tagged.getpixel((0, 0)) == (30, 30, 200) and tagged.info == {}
+    plain = decode_image(encode(red, "PNG", icc_profile=SRGB), max_pixels=4096)
+    assert plain.getpixel((0, 0)) == (200, 30, 30)
+
+
+@pytest.mark.parametrize("profile", [b"not a profile" * 100, SRGB], ids=["garbage", "rgb-on-cmyk"])
+def test_3_a_profile_that_cannot_apply_is_ignored_as_browsers_do(profile: bytes) -> None:
+    cmyk = Image.new("CMYK", (32, 32), (0, 200, 200, 0))
+    expected = decode_image(encode(cmyk, "JPEG"), max_pixels=4096)
+    got = decode_image(encode(cmyk, "JPEG", icc_profile=profile), max_pixels=4096)
+    assert got.tobytes() == expected.tobytes() and got.info == {}
+
+
+@pytest.mark.parametrize("kind", ["tEXt", "eXIf"])
+def test_3_a_png_with_a_big_plain_chunk_is_kept_as_pixels_only(kind: str) -> None:
+    layout = layout_of(big_chunks_png(kind))
+    assert len(layout) < 4096 and Image.open(io.BytesIO(layout)).info == {}
+
+
+@pytest.mark.parametrize("kind", ["zTXt", "iTXt", "iCCP"])
+def test_3_a_png_chunk_pil_will_not_inflate_is_refused_with_a_clear_message(kind: str) -> None:
+    with pytest.raises(InvalidInput, match=r"carries metadata .* save it without it"):
+        layout_of(big_chunks_png(kind))
+
+
+def variants() -> dict[str, bytes]:
+    """The inputs that were accepted, then failed their jobs; and their neighbours."""
+    return {
+        "cmyk-jpeg-1.5mb-icc": encode(
+            Image.new("CMYK", (64, 64), (0, 200, 200, 0)),
+            "JPEG",
+            icc_profile=padded_profile(3 * MB // 2),
+        ),
+        "webp-2mb-icc": encode(
+            Image.new("RGB", (64, 64), (40, 40, 200)), "WEBP", icc_profile=padded_profile(2 * MB)
+        ),
+        "jpeg-5mb-icc": encode(
+            Image.new("RGB", (64, 64), (200, 40, 40)), "JPEG", icc_profile=padded_profile(5 * MB)
+        ),
+        "png-800kb-iccp": big_chunks_png("iCCP", 800 * 1024),
+        "png-2mb-text": big_chunks_png("tEXt"),
+        "png-2mb-exif": big_chunks_png("eXIf"),
+        "png-2mb-ztxt": big_chunks_png("zTXt"),
+    }
+
+
+REFUSED_AT_SUBMISSION = {"png-2mb-ztxt"}
+
+
+@pytest.fixture(scope="module")
+def metadata_host() -> Iterator[LoopbackServer]:
+    with LoopbackServer() as server:
+        for name, data in variants().items():
+            server.route(f"/{name}", respond(200, data, {"Content-Type": "image/*"}))
+        yield server
+
+
+@pytest.mark.parametrize("transport", ["url", "data-uri", "base64"])
+def test_3_images_with_metadata_either_run_or_are_refused_at_submission(
+    running: RunningService, metadata_host: LoopbackServer, transport: str
+) -> None:
+    """Never accepted and then failed: every accepted job's layout reads back and runs."""
+    outcomes = {}
+    for name, data in variants().items():
+        encoded_data = base64.b64encode(data).decode()
+        image = {
+            "url": metadata_host.url(f"/{name}"),
+            "data-uri": "data:image/jpeg;base64," + encoded_data,
+            "base64": encoded_data,
+        }[transport]
+        reply = running.mix(image=image, steps=2, seed=1)
+        if reply.status_code == 200:
+            outcomes[name] = running.wait_success(reply.json()["id"])["status"]
+        else:
+            assert reply.status_code == 422 and reply.json()["errors"]["image"], reply.text
+            outcomes[name] = "refused"
+    expected = {
+        name: "refused" if name in REFUSED_AT_SUBMISSION else "success" for name in outcomes
+    }
+    assert outcomes == expected
