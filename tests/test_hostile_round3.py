@@ -25,7 +25,7 @@ from magicmix.inputs.fetch import fetch_image_bytes
 from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.webhooks import MAX_RETRY_AFTER_S, _retry_after_s
 from tests.http_fixtures import Handler, LoopbackServer, respond
-from tests.service_fixtures import RunningService
+from tests.service_fixtures import MIX, RunningService
 from tests.test_jobs import Clock
 from tests.test_webhooks import World
 
@@ -397,3 +397,89 @@ def test_3_images_with_metadata_either_run_or_are_refused_at_submission(
         name: "refused" if name in REFUSED_AT_SUBMISSION else "success" for name in outcomes
     }
     assert outcomes == expected
+
+
+# -- 4. bodies whose key can only be read by parsing them ----------------------------------------
+
+PLAIN = "the API key must be sent once, as a plain JSON string"
+
+
+def post_raw(running: RunningService, body: bytes) -> tuple[int, dict[str, object]]:
+    reply = running.http.post(
+        running.base_url + MIX, content=body, headers={"Content-Type": "application/json"}
+    )
+    return reply.status_code, reply.json()
+
+
+def sixteen_mib(head: str) -> bytes:
+    """A body just under the 16 MiB limit: `head`, then a huge prompt."""
+    start = ("{" + head + ', "image": "x", "prompt": "').encode()
+    return start + b"x" * (16 * MB - len(start) - 2) + b'"}'
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [r'"k\u0065y"', r'"\u006bey"', r'"\u006Bey"', r'"ke\u0079"', r'"\u006b\u0065\u0079"'],
+)
+def test_4_a_key_spelled_with_escapes_is_refused_unparsed(
+    running: RunningService, parses: list[int], spelling: str
+) -> None:
+    status, reply = post_raw(running, sixteen_mib(f'{spelling}: "{running.key}"'))
+    assert (status, parses) == (401, [])  # even the right key: it is not plain
+    assert PLAIN in str(reply["message"])
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        '"key": 12345',
+        '"key": null',
+        '"key": ["x"]',
+        '"key": {"k": "x"}',
+        r'"key": "mm_\u0041"',  # an escape in the value
+        '"key": "' + "k" * 257 + '"',
+        '"key": "bogus", "key": "KEY"',  # a parser takes the last one; we take none
+        '"key": "KEY", "nested": {"key": "bogus"}',
+    ],
+)
+def test_4_a_key_that_is_not_one_plain_string_is_refused_unparsed(
+    running: RunningService, parses: list[int], member: str
+) -> None:
+    status, reply = post_raw(running, sixteen_mib(member.replace("KEY", running.key)))
+    assert (status, parses) == (401, []) and PLAIN in str(reply["message"])
+
+
+def test_4_a_body_without_a_key_is_refused_unparsed(
+    running: RunningService, parses: list[int]
+) -> None:
+    status, reply = post_raw(running, sixteen_mib('"note": "\\"key\\": is inside a string"'))
+    assert (status, parses) == (401, []) and "no API key" in str(reply["message"])
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-8-sig"]
+)
+def test_4_a_body_not_in_plain_utf8_is_refused_unparsed(
+    running: RunningService, parses: list[int], encoding: str
+) -> None:
+    body = f'{{"key": "{running.key}", "prompt": "x", "image": "y"}}'.encode(encoding)
+    status, reply = post_raw(running, body)
+    assert (status, parses) == (422, []) and "UTF-8" in str(reply["message"])
+
+
+def test_4_invalid_utf8_is_refused_unparsed_with_where(
+    running: RunningService, parses: list[int]
+) -> None:
+    body = b'{"key": "%s", "prompt": "caf\xe9", "image": "y"}' % running.key.encode()
+    status, reply = post_raw(running, body)
+    assert (status, parses) == (422, []) and "not valid UTF-8 (at byte" in str(reply["message"])
+
+
+def test_4_a_plain_key_with_escapes_elsewhere_reaches_validation(
+    running: RunningService, parses: list[int]
+) -> None:
+    """Only the key must be plain: escapes in other fields are JSON as usual."""
+    body = b'{"key": "%s", "prompt": "\\"key\\": \\u00e9", "width": 1}' % running.key.encode()
+    status, reply = post_raw(running, body)
+    assert status == 422 and set(reply["errors"]) == {"image", "width"}  # type: ignore[arg-type]
+    assert len(parses) == 1

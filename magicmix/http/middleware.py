@@ -10,8 +10,8 @@ refuses a body whose key is known to be wrong without parsing it, and hands the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import codecs
+import itertools
 import logging
 import re
 import time
@@ -26,8 +26,48 @@ from magicmix.http.schemas import ErrorOut
 
 log = logging.getLogger("magicmix.http.access")
 
-# `"key": "..."` anywhere in the raw body; the key field is at most 256 characters
-_KEY = re.compile(rb'"key"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+# A member named "key", spelled plainly or with \u escapes (`"k\u0065y"` is the same name to
+# a JSON parser), whose opening quote is not itself escaped: preceded by an even run of
+# backslashes. In valid JSON such a match is a member name, never text inside a string.
+_KEY_NAME = re.compile(
+    rb'(?<!\\)(?:\\\\)*"(?P<name>(?:k|\\u006[bB])(?:e|\\u0065)(?:y|\\u0079))"\s*:\s*'
+)
+# The key's value as we accept it: a JSON string of 1..256 bytes, no escape in it
+_PLAIN_VALUE = re.compile(rb'"([^"\\\x00-\x1f]{1,256})"')
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-32's begin so too
+
+
+def plain_key(body: bytes) -> str:
+    """The API key of a JSON body, read from its bytes without parsing them.
+
+    RFC 8259 section 8.1: JSON between systems is UTF-8 without a byte order mark; a body
+    in another encoding is refused (422) before anything reads it. The key must be one
+    plain member: `"key": "..."`, a string without escapes, present once. Anything else
+    (a name spelled with escapes, a duplicate, a number, an escaped value) could only be
+    read by parsing the whole body, which is what an unauthenticated client must not
+    cost: refused with 401.
+    """
+    if body.startswith(_BOMS) or b"\x00" in body:
+        raise InvalidInput(
+            "the body must be JSON in UTF-8 without a byte order mark (RFC 8259)", field="body"
+        )
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInput(
+            f"the body is not valid UTF-8 (at byte {err.start}); JSON must be UTF-8",
+            field="body",
+        ) from err
+    names = list(itertools.islice(_KEY_NAME.finditer(body), 2))
+    if not names:
+        raise Unauthorized('no API key: send it in the body as "key"')
+    value = _PLAIN_VALUE.match(body, names[0].end())
+    if len(names) > 1 or names[0]["name"] != b"key" or value is None:
+        raise Unauthorized(
+            "the API key must be sent once, as a plain JSON string of 1 to 256 bytes without"
+            ' escapes: "key": "..."'
+        )
+    return value.group(1).decode("utf-8")
 
 
 class BodyGuard:
@@ -37,6 +77,7 @@ class BodyGuard:
     - not all there within `timeout_s` of the first byte asked for: 408;
     - more than `max_containers` JSON arrays and objects (`[` and `{`; our bodies are
       flat objects): 422, since millions of `[]` cost seconds and hundreds of MB to parse;
+    - not UTF-8, or no key readable without parsing (`plain_key`): 422 or 401;
     - a `"key"` that `authenticate` refuses: 401.
     """
 
@@ -100,18 +141,13 @@ class BodyGuard:
                 return bytes(body)
 
     async def _check(self, body: bytes) -> None:
-        match = _KEY.search(body)
-        key = None
-        if match is not None:
-            with contextlib.suppress(ValueError):
-                key = json.loads(b'"' + match.group(1) + b'"')
-        if key is not None:  # no plain key: the route's own validation says what is wrong
-            try:
-                await run_in_threadpool(self.authenticate, key)
-            except Unauthorized:
-                raise
-            except MagicMixError:  # e.g. the key store is busy: let the route decide
-                pass
+        key = plain_key(body)
+        try:
+            await run_in_threadpool(self.authenticate, key)
+        except Unauthorized:
+            raise
+        except MagicMixError:  # e.g. the key store is busy: let the route decide
+            pass
         containers = body.count(b"[") + body.count(b"{")
         if containers > self.max_containers:
             raise InvalidInput(
