@@ -9,18 +9,31 @@ text from `PARAMS`. Torch-free, so the web tier validates exactly as the engine 
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from PIL import Image
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 
 from magicmix.errors import InvalidInput
 from magicmix.families import DEFAULT_SIZE
 
 MAX_SEED = 2**63 - 1
+MAX_TRACK_ID_CHARS = 256
+# RFC 8259's number: what a number sent as a string must look like (ASCII digits only;
+# no spaces, `+`, `_`, leading zeros or bare `.5`, which Python's int() and float() take)
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 SIZE_STEP = 8  # SD's VAE downsamples by 8; sizes are rounded down to a multiple of it
 
 
@@ -40,6 +53,25 @@ Text = Annotated[str, AfterValidator(_valid_text)]
 """A string field of a request: any Unicode text, and only that."""
 
 
+def _strict_number(value: Any) -> Any:
+    """Refuse what pydantic's lax mode would turn into a number: `true`/`false` (1/0), and
+    strings such as `"1_000"`, `" 20 "` or `"+5"`. A number sent as a string is accepted
+    (real clients send `"20"`) when it is written as JSON writes numbers."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    if isinstance(value, str) and not _JSON_NUMBER.fullmatch(value):
+        raise ValueError(
+            f"must be a number written as JSON writes it (e.g. 20 or 0.5), got {value!r}"
+        )
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_strict_number)]
+"""An integer field of a request: a JSON integer, or a string holding one."""
+Float = Annotated[float, BeforeValidator(_strict_number)]
+"""A number field of a request: a JSON number, or a string holding one."""
+
+
 class MixParams(BaseModel):
     """The prompts and the paper's knobs, with the seed's defaults and ModelsLab's limits."""
 
@@ -47,32 +79,32 @@ class MixParams(BaseModel):
 
     prompt: Text = Field(..., min_length=1, max_length=2000, description="Content to mix in")
     negative_prompt: Text = Field("", max_length=2000, description="What to avoid")
-    width: int | None = Field(
+    width: Int | None = Field(
         None,
         ge=256,
         le=1024,
         description="768 (SD 1.x) or 1024 (SDXL) unless given; rounded down to a multiple of 8",
     )
-    height: int | None = Field(
+    height: Int | None = Field(
         None,
         ge=256,
         le=1024,
         description="768 (SD 1.x) or 1024 (SDXL) unless given; rounded down to a multiple of 8",
     )
-    kmin: float = Field(
+    kmin: Float = Field(
         0.3, ge=0, allow_inf_nan=False, le=1, description="Where the content phase starts"
     )
-    kmax: float = Field(
+    kmax: Float = Field(
         0.5, ge=0, allow_inf_nan=False, le=1, description="How far the layout is noised"
     )
-    mix_factor: float = Field(
+    mix_factor: Float = Field(
         0.5, ge=0, allow_inf_nan=False, le=1, description="Weight of the denoised latents"
     )
-    steps: int = Field(20, ge=1, le=50, description="Denoising steps of the full schedule")
-    guidance_scale: float = Field(
+    steps: Int = Field(20, ge=1, le=50, description="Denoising steps of the full schedule")
+    guidance_scale: Float = Field(
         7.5, ge=0, allow_inf_nan=False, le=30, description="Classifier-free guidance"
     )
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random")
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED, description="null = random")
 
     @field_validator("negative_prompt", mode="before")
     @classmethod
@@ -117,17 +149,25 @@ class Submission(MixParams):
     image: Text = Field(
         ..., min_length=1, description="Layout image: http(s) URL, data: URI or base64"
     )
-    samples: int = Field(1, ge=1, le=1, description="Images per request (max 1)")
+    samples: Int = Field(1, ge=1, le=1, description="Images per request (max 1)")
     webhook: Text | None = Field(None, max_length=2048, description="POSTed the final reply")
     track_id: Text | int | None = Field(
-        None, union_mode="left_to_right", description="Echoed in the webhook body"
+        None,
+        union_mode="left_to_right",
+        description="Echoed in the webhook body: a string (at most 256 characters) or a"
+        " 64-bit integer",
     )
 
-    @field_validator("track_id")
+    @field_validator("track_id", mode="before")
     @classmethod
-    def _short_track_id(cls, value: str | int | None) -> str | int | None:
-        if isinstance(value, str) and len(value) > 256:
-            raise ValueError("track_id must be at most 256 characters")
+    def _bounded_track_id(cls, value: Any) -> Any:
+        """Bounded whatever its JSON type: it is stored and echoed in every reply."""
+        if isinstance(value, bool) or not isinstance(value, str | int | None):
+            raise ValueError("must be a string or an integer")
+        if isinstance(value, int) and not -MAX_SEED - 1 <= value <= MAX_SEED:
+            raise ValueError("as an integer, must fit in 64 bits (-2**63 .. 2**63-1)")
+        if isinstance(value, str) and len(value) > MAX_TRACK_ID_CHARS:
+            raise ValueError(f"must be at most {MAX_TRACK_ID_CHARS} characters")
         return value
 
     @field_validator("webhook")

@@ -483,3 +483,73 @@ def test_4_a_plain_key_with_escapes_elsewhere_reaches_validation(
     status, reply = post_raw(running, body)
     assert status == 422 and set(reply["errors"]) == {"image", "width"}  # type: ignore[arg-type]
     assert len(parses) == 1
+
+
+# -- 5. loose numbers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("track_id", int("9" * 4000)),  # was accepted and echoed in the reply and webhook
+        ("track_id", 2**63),
+        ("track_id", True),
+        ("track_id", 2.0),
+        ("track_id", ["x"]),
+        ("track_id", "x" * 257),
+        ("steps", True),
+        ("kmin", True),
+        ("seed", False),
+        ("samples", True),
+        ("guidance_scale", True),
+        ("width", True),
+        ("steps", "1_0"),
+        ("seed", "1_000"),
+        ("width", "2_56"),
+        ("steps", " 20"),
+        ("steps", "20\n"),
+        ("steps", "+20"),
+        ("steps", "0020"),
+        ("kmin", ".3"),
+        ("kmin", " 0.3"),
+        ("steps", "２０"),  # fullwidth digits
+        ("prompt", 123),
+        ("negative_prompt", 1.5),
+        ("image", 7),
+        ("webhook", 1),
+    ],
+)
+def test_5_a_loose_spelling_is_422_naming_the_field(
+    running: RunningService, field: str, value: object
+) -> None:
+    reply = running.mix(**{field: value})
+    assert reply.status_code == 422, reply.text[:200]
+    assert field in reply.json()["errors"], reply.json()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "meant"),
+    [
+        ("steps", "2", 2),
+        ("seed", "7", 7),
+        ("kmin", "0.25", 0.25),
+        ("kmax", "5e-1", 0.5),
+        ("track_id", 2**63 - 1, 2**63 - 1),
+        ("track_id", -(2**63), -(2**63)),
+        ("track_id", "x" * 256, "x" * 256),
+    ],
+)
+def test_5_numbers_written_as_json_writes_them_are_still_accepted(
+    running: RunningService, image_host: LoopbackServer, field: str, value: object, meant: object
+) -> None:
+    fields = {"image": image_host.url("/layout.png"), "steps": 2, "seed": 1, field: value}
+    reply = running.mix(**fields)
+    assert reply.status_code == 200, reply.text[:300]
+    job = running.wait_success(reply.json()["id"])
+    echoed = job.get("track_id") if field == "track_id" else job["meta"][field]
+    assert echoed == meant
+
+
+def test_5_a_job_id_in_the_path_is_spelled_plainly(running: RunningService) -> None:
+    for loose in ("1_0", "+1", "%201"):
+        assert running.fetch(loose).status_code == 422  # type: ignore[arg-type]
