@@ -163,6 +163,69 @@ async def _answer(send: Send, status: int, body: ErrorOut) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+class SecurityHeaders:
+    """Headers that make every page and file safe to open in a browser.
+
+    The playground keeps the API key in the browser; the CSP is what keeps any script but
+    this server's own from reading it: no inline script, no outside script or style, no
+    framing. Images may come from anywhere (outputs in a user's bucket, the image URL a
+    user previews); requests go to this origin only.
+    """
+
+    HEADERS = (
+        (
+            b"content-security-policy",
+            b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:"
+            b" blob: http: https:; connect-src 'self'; base-uri 'none'; form-action 'self';"
+            b" frame-ancestors 'none'",
+        ),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class HeadAsGet:
+    """HEAD wherever GET works (RFC 9110 section 9.3.2): the GET route answers, its headers
+    go out, its body does not.
+
+    FastAPI's routes answer only the methods they name (Starlette's own add HEAD to GET),
+    so a HEAD is routed as a GET here, once for every route (the API's, `/docs`,
+    `/openapi.json`, static files), without documenting a HEAD twin of each in OpenAPI.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+            elif not message.get("more_body", False):  # the GET's Content-Length stays
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 class AccessLog:
     """One line per request: method, path (never the query string), status, time.
 
