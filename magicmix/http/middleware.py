@@ -21,8 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from magicmix.errors import InvalidInput, MagicMixError, PayloadTooLarge, Unauthorized
-from magicmix.http.errors import error_response
-from magicmix.http.schemas import ErrorOut
+from magicmix.http.errors import BodyTimeout, error_response
 
 log = logging.getLogger("magicmix.http.access")
 
@@ -104,13 +103,10 @@ class BodyGuard:
             body = await self._read(scope, receive)
             await self._check(body)
         except MagicMixError as err:
-            errors = {err.field: err.message} if err.field else None
-            await _answer(send, err.status_code, ErrorOut(message=err.message, errors=errors))
+            await _answer(send, err)
             return
         except TimeoutError:
-            await _answer(
-                send, 408, ErrorOut(message=f"the body did not arrive within {self.timeout_s:g} s")
-            )
+            await _answer(send, BodyTimeout(f"the body did not arrive within {self.timeout_s:g} s"))
             return
         replayed = False
 
@@ -157,9 +153,16 @@ class BodyGuard:
             )
 
 
-async def _answer(send: Send, status: int, body: ErrorOut) -> None:
-    response = error_response(status, body)
-    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+async def _answer(send: Send, err: MagicMixError) -> None:
+    """Reply to `err` as the app's handlers would (`http.errors`), before the app runs."""
+    response = error_response(err)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
     await send({"type": "http.response.body", "body": response.body})
 
 

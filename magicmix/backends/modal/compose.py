@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 
 from magicmix.backends.modal.dispatch import GpuCalls, ModalDispatcher
 from magicmix.backends.modal.state import BlobStore, DictJobStore, DictKeyStore, ModalState
+from magicmix.cli.keys import key_action
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
 from magicmix.families import Family, resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits
-from magicmix.keys import key_action
 from magicmix.lifecycle import Lifecycle
 from magicmix.logs import configure_logging
 from magicmix.outputs.s3 import make_s3_client
