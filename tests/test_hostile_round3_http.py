@@ -1,5 +1,6 @@
-"""Hostile world, round three (#22), the HTTP edge: HEAD wherever GET works, and pages a
-browser can open safely: `/docs` served offline, and every page under a strict CSP.
+"""Hostile world, round three (#22), the HTTP edge: keys read only from plain bodies,
+strict numbers, HEAD wherever GET works, and pages a browser can open safely (`/docs`
+served offline, every page under a strict CSP).
 """
 
 from __future__ import annotations
@@ -10,8 +11,166 @@ import pytest
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests.http_fixtures import LoopbackServer
-from tests.service_fixtures import RunningService
+from tests.service_fixtures import MIX, RunningService
 from tests.test_playground import chromium, wait
+
+MB = 2**20
+
+# -- 4. bodies whose key can only be read by parsing them ----------------------------------------
+
+PLAIN = "the API key must be sent once, as a plain JSON string"
+
+
+def post_raw(running: RunningService, body: bytes) -> tuple[int, dict[str, object]]:
+    reply = running.http.post(
+        running.base_url + MIX, content=body, headers={"Content-Type": "application/json"}
+    )
+    return reply.status_code, reply.json()
+
+
+def sixteen_mib(head: str) -> bytes:
+    """A body just under the 16 MiB limit: `head`, then a huge prompt."""
+    start = ("{" + head + ', "image": "x", "prompt": "').encode()
+    return start + b"x" * (16 * MB - len(start) - 2) + b'"}'
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [r'"k\u0065y"', r'"\u006bey"', r'"\u006Bey"', r'"ke\u0079"', r'"\u006b\u0065\u0079"'],
+)
+def test_4_a_key_spelled_with_escapes_is_refused_unparsed(
+    running: RunningService, parses: list[int], spelling: str
+) -> None:
+    status, reply = post_raw(running, sixteen_mib(f'{spelling}: "{running.key}"'))
+    assert (status, parses) == (401, [])  # even the right key: it is not plain
+    assert PLAIN in str(reply["message"])
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        '"key": 12345',
+        '"key": null',
+        '"key": ["x"]',
+        '"key": {"k": "x"}',
+        r'"key": "mm_\u0041"',  # an escape in the value
+        '"key": "' + "k" * 257 + '"',
+        '"key": "bogus", "key": "KEY"',  # a parser takes the last one; we take none
+        '"key": "KEY", "nested": {"key": "bogus"}',
+    ],
+)
+def test_4_a_key_that_is_not_one_plain_string_is_refused_unparsed(
+    running: RunningService, parses: list[int], member: str
+) -> None:
+    status, reply = post_raw(running, sixteen_mib(member.replace("KEY", running.key)))
+    assert (status, parses) == (401, []) and PLAIN in str(reply["message"])
+
+
+def test_4_a_body_without_a_key_is_refused_unparsed(
+    running: RunningService, parses: list[int]
+) -> None:
+    status, reply = post_raw(running, sixteen_mib('"note": "\\"key\\": is inside a string"'))
+    assert (status, parses) == (401, []) and "no API key" in str(reply["message"])
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-8-sig"]
+)
+def test_4_a_body_not_in_plain_utf8_is_refused_unparsed(
+    running: RunningService, parses: list[int], encoding: str
+) -> None:
+    body = f'{{"key": "{running.key}", "prompt": "x", "image": "y"}}'.encode(encoding)
+    status, reply = post_raw(running, body)
+    assert (status, parses) == (422, []) and "UTF-8" in str(reply["message"])
+
+
+def test_4_invalid_utf8_is_refused_unparsed_with_where(
+    running: RunningService, parses: list[int]
+) -> None:
+    body = b'{"key": "%s", "prompt": "caf\xe9", "image": "y"}' % running.key.encode()
+    status, reply = post_raw(running, body)
+    assert (status, parses) == (422, []) and "not valid UTF-8 (at byte" in str(reply["message"])
+
+
+def test_4_a_plain_key_with_escapes_elsewhere_reaches_validation(
+    running: RunningService, parses: list[int]
+) -> None:
+    """Only the key must be plain: escapes in other fields are JSON as usual."""
+    body = b'{"key": "%s", "prompt": "\\"key\\": \\u00e9", "width": 1}' % running.key.encode()
+    status, reply = post_raw(running, body)
+    assert status == 422 and set(reply["errors"]) == {"image", "width"}  # type: ignore[arg-type]
+    assert len(parses) == 1
+
+
+# -- 5. loose numbers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("track_id", int("9" * 4000)),  # was accepted and echoed in the reply and webhook
+        ("track_id", 2**63),
+        ("track_id", True),
+        ("track_id", 2.0),
+        ("track_id", ["x"]),
+        ("track_id", "x" * 257),
+        ("steps", True),
+        ("kmin", True),
+        ("seed", False),
+        ("samples", True),
+        ("guidance_scale", True),
+        ("width", True),
+        ("steps", "1_0"),
+        ("seed", "1_000"),
+        ("width", "2_56"),
+        ("steps", " 20"),
+        ("steps", "20\n"),
+        ("steps", "+20"),
+        ("steps", "0020"),
+        ("kmin", ".3"),
+        ("kmin", " 0.3"),
+        ("steps", "２０"),  # fullwidth digits
+        ("prompt", 123),
+        ("negative_prompt", 1.5),
+        ("image", 7),
+        ("webhook", 1),
+    ],
+)
+def test_5_a_loose_spelling_is_422_naming_the_field(
+    running: RunningService, field: str, value: object
+) -> None:
+    reply = running.mix(**{field: value})
+    assert reply.status_code == 422, reply.text[:200]
+    assert field in reply.json()["errors"], reply.json()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "meant"),
+    [
+        ("steps", "2", 2),
+        ("seed", "7", 7),
+        ("kmin", "0.25", 0.25),
+        ("kmax", "5e-1", 0.5),
+        ("track_id", 2**63 - 1, 2**63 - 1),
+        ("track_id", -(2**63), -(2**63)),
+        ("track_id", "x" * 256, "x" * 256),
+    ],
+)
+def test_5_numbers_written_as_json_writes_them_are_still_accepted(
+    running: RunningService, image_host: LoopbackServer, field: str, value: object, meant: object
+) -> None:
+    fields = {"image": image_host.url("/layout.png"), "steps": 2, "seed": 1, field: value}
+    reply = running.mix(**fields)
+    assert reply.status_code == 200, reply.text[:300]
+    job = running.wait_success(reply.json()["id"])
+    echoed = job.get("track_id") if field == "track_id" else job["meta"][field]
+    assert echoed == meant
+
+
+def test_5_a_job_id_in_the_path_is_spelled_plainly(running: RunningService) -> None:
+    for loose in ("1_0", "+1", "%201"):
+        assert running.fetch(loose).status_code == 422  # type: ignore[arg-type]
+
 
 # -- 6. HEAD wherever GET works ------------------------------------------------------------------
 
