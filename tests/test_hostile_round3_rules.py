@@ -14,7 +14,6 @@ import shutil
 import subprocess  # nosec B404 - runs this repo's own code in a second process
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from magicmix.engine.toy import ToyModelError
 from magicmix.http.schemas import MagicMixIn
 from magicmix.jobs import JobResult, JobStore, QueueLimits
 from magicmix.lifecycle import Lifecycle
-from magicmix.logs import install_redaction
 from magicmix.outputs.store import LocalStore
 from magicmix.outputs.user_bucket import S3Details
 from magicmix.service import fingerprint, sweep
@@ -237,21 +235,6 @@ def test_magicmix_model_toy_refuses_a_damaged_copy_when_the_engine_loads(
 
 
 # -- 6. the webhook log line has no raw URL, whatever ran before -----------------------------------
-
-
-@pytest.fixture
-def raw_log_records() -> Iterator[None]:
-    """Log records as our code makes them. `magicmix.logs.install_redaction` (called by
-    `configure_logging`, which `magicmix serve` and the CLI tests run) replaces the global
-    record factory for the rest of the process: from then on every record is redacted,
-    and a line of ours that leaks a URL passes unseen in any test file run after it."""
-    install_redaction()  # as another test file would have: the test must not depend on it
-    previous = logging.getLogRecordFactory()
-    logging.setLogRecordFactory(logging.LogRecord)
-    try:
-        yield
-    finally:
-        logging.setLogRecordFactory(previous)
 
 
 def test_the_webhook_log_line_never_has_the_raw_url(

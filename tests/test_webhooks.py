@@ -175,7 +175,10 @@ def test_retry_after_pushes_the_next_attempt_gone_stops_and_4xx_is_final() -> No
 
 
 def test_delivered_signed_with_the_keys_secret_and_logged_without_secrets(
-    world: World, receiver: LoopbackServer, caplog: pytest.LogCaptureFixture
+    world: World,
+    receiver: LoopbackServer,
+    caplog: pytest.LogCaptureFixture,
+    raw_log_records: None,
 ) -> None:
     job = world.ended_job(receiver.url("/ok?token=s3cr3t"))
     with caplog.at_level(logging.INFO, logger="magicmix.webhooks"):
