@@ -1,10 +1,12 @@
-"""ASGI middleware: limits on every request body checked before it is parsed; the access log.
+"""ASGI middleware: limits on every request body checked before it is parsed; HEAD as GET;
+the browser-hardening headers; the access log.
 
 Starlette has neither a body-size limit nor a body-read timeout, and FastAPI parses a
 body (on the event loop) before any dependency runs, so the key check of `http.deps`
 comes too late to stop an unauthenticated client from costing seconds of parsing.
 `BodyGuard` reads the body itself first, within limits of bytes, time and structure,
-refuses a body whose key is known to be wrong without parsing it, and hands the bytes on.
+refuses a body whose key is wrong, or cannot be read without parsing it, and hands the
+bytes on. Its refusals are the app's own error replies (`http.errors.error_response`).
 """
 
 from __future__ import annotations
