@@ -105,6 +105,7 @@ with web_image.imports():
     from magicmix.backends.modal import compose
     from magicmix.backends.modal.calls import ModalGpuCalls
     from magicmix.backends.modal.weights import download_weights as fill_volume
+    from magicmix.cli.keys import key_action
     from magicmix.config import Settings
     from magicmix.http.app import create_app
 
@@ -187,7 +188,8 @@ async def sweep() -> None:
 @app.function(secrets=service_secrets, timeout=120)
 def manage_keys(action: str, key_id: str = "", admin: bool = False) -> str:
     """The key store of the deployed app; `keys` below (or `magicmix keys --modal`) calls it."""
-    return compose.manage_keys(parts(compose.POOLS["keys"]), action, key_id=key_id, admin=admin)
+    shared = parts(compose.POOLS["keys"])
+    return compose.manage_keys(shared, key_action, action, key_id=key_id, admin=admin)
 
 
 @app.local_entrypoint()

@@ -1,10 +1,16 @@
-"""What two attacks cost a running server: `python -m benchmarks.attacks [--repo DIR]`.
+"""What attacks cost a running server: `python -m benchmarks.attacks [--repo DIR] [--only A,B]`.
 
 1. The parse attack: a 12 MB body of `[],[],...` with a bogus key, sent 3 times while a
    prober asks `/healthz` every 20 ms: the probe latencies (max, p50) and the replies.
 2. The decode attack: six concurrent submissions of a 170 KB 6320x6320 RGBA PNG while
    the prober runs: the server's peak RSS (VmHWM) and probe latencies; then the same
    with six 4000x3000 RGB PNGs, which every limit accepts.
+3. The compressed bomb (`bomb`): 32 concurrent submissions of an image URL served from
+   loopback as 204 KB of gzip (200 MB of zeros) with `Content-Encoding: gzip`: the
+   server's peak RSS and the worst `/healthz` latency meanwhile.
+4. The metadata payload (`icc`): a 64x64 JPEG carrying a 5 MB ICC profile: the size of
+   the layout PNG the job keeps (`decode_image` then `png_bytes` of `--repo`, in a
+   subprocess), and what the server answers to it.
 
 The server is `magicmix serve` in a subprocess on loopback, run from `--repo` (default:
 this checkout), so the same script measures an older commit checked out elsewhere.
@@ -15,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import gzip
 import io
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -28,6 +37,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +74,22 @@ class Prober(threading.Thread):
         return {"max_s": round(max(values), 3), "p50_s": round(statistics.median(values), 4)}
 
 
+def settle(pid: int, quiet_s: float = 1.0, timeout_s: float = 300.0) -> None:
+    """Wait until the server has used under 5% of a core for `quiet_s` (the engine loads
+    in the background after `/healthz` answers; its CPU would blur the figures)."""
+
+    def cpu_s() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = cpu_s()
+        time.sleep(quiet_s)
+        if cpu_s() - before < 0.05 * quiet_s:
+            return
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -83,7 +109,7 @@ def bomb() -> str:
 
 
 @contextmanager
-def running_server(repo: Path) -> Iterator[tuple[str, int]]:
+def running_server(repo: Path, **env_extra: str) -> Iterator[tuple[str, int]]:
     """`magicmix serve` from `repo` on a free loopback port: (base URL, pid)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -98,6 +124,7 @@ def running_server(repo: Path) -> Iterator[tuple[str, int]]:
             "MAGICMIX_PUBLIC_URL": base,
             "MAGICMIX_LOG_LEVEL": "WARNING",
             "MAGICMIX_SYNC_WAIT_S": "0",
+            **env_extra,
         }
         server = subprocess.Popen(
             [sys.executable, "-m", "magicmix", "serve", "--port", str(port)],
@@ -158,18 +185,151 @@ def decode_attack(base: str, pid: int, image: str | None = None) -> dict[str, An
     }
 
 
+@contextmanager
+def serving(files: dict[str, tuple[bytes, dict[str, str]]]) -> Iterator[str]:
+    """A loopback HTTP server answering each path of `files` with (body, headers)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, headers = files.get(self.path, (b"", {}))
+            self.send_response(200 if self.path in files else 404)
+            for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            # the server under test gives up on the body: expected
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet."""
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def gzip_of_zeros(megabytes: int) -> bytes:
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as packer:
+        block = bytes(2**20)
+        for _ in range(megabytes):
+            packer.write(block)
+    return buffer.getvalue()
+
+
+def bomb_attack(repo: Path, clients: int = 32) -> dict[str, Any]:
+    bomb_gz = gzip_of_zeros(200)
+    files = {"/bomb.png": (bomb_gz, {"Content-Type": "image/png", "Content-Encoding": "gzip"})}
+    with (
+        serving(files) as host,
+        running_server(repo, MAGICMIX_ALLOW_PRIVATE_URLS="true") as (base, pid),
+    ):
+        body = {"key": KEY, "prompt": "x", "image": host + "/bomb.png"}
+        settle(pid)
+        idle = peak_rss_mb(pid)
+        prober = Prober(base)
+        prober.start()
+        with httpx.Client(timeout=300) as client, ThreadPoolExecutor(clients) as pool:
+            replies = list(pool.map(lambda _: client.post(base + MIX, json=body), range(clients)))
+        prober.stop.set()
+        prober.join()
+        return {
+            "clients": clients,
+            "bomb_bytes": len(bomb_gz),
+            "replies": sorted({r.status_code for r in replies}),
+            "healthz": prober.summary(),
+            "rss_idle_mb": round(idle, 1),
+            "peak_rss_mb": round(peak_rss_mb(pid), 1),
+        }
+
+
+def icc_jpeg(profile_bytes: int, size: int = 64) -> bytes:
+    """A `size`-pixel square JPEG carrying an ICC profile of `profile_bytes`: a real sRGB
+    profile padded with random bytes (incompressible, as a real large profile's tables)."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    profile = srgb + random.Random(0).randbytes(profile_bytes - len(srgb))
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 40, 40)).save(buffer, "JPEG", icc_profile=profile)
+    return buffer.getvalue()
+
+
+_LAYOUT_SIZE = """
+import sys
+from magicmix.inputs.images import decode_image, png_bytes
+image = decode_image(sys.stdin.buffer.read(), max_pixels=10**8, reduce_to=(256, 256))
+print(len(png_bytes(image)))
+"""
+
+
+def icc_attack(repo: Path) -> dict[str, Any]:
+    jpeg = icc_jpeg(5 * 2**20)
+    layout = subprocess.run(
+        [sys.executable, "-c", _LAYOUT_SIZE],
+        input=jpeg,
+        capture_output=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo,
+    )
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    with running_server(repo) as (base, _):
+        body = {"key": KEY, "prompt": "x", "image": data_uri, "width": 256, "height": 256}
+        reply = httpx.post(base + MIX, json=body, timeout=120)
+        answer = {"http": reply.status_code, "status": reply.json().get("status")}
+        if reply.status_code == 200:  # accepted: how did the job end?
+            job_id = reply.json()["id"]
+            for _ in range(600):
+                ended = httpx.post(
+                    f"{base}/api/v1/enterprise/image_editing/fetch/{job_id}",
+                    json={"key": KEY},
+                    timeout=30,
+                ).json()
+                if ended["status"] != "processing":
+                    break
+                time.sleep(0.2)
+            answer["job"] = ended["status"]
+            answer["message"] = ended.get("message")
+        else:
+            answer["message"] = reply.json().get("message")
+    return {
+        "input": "64x64 JPEG with a 5 MB ICC profile",
+        "input_bytes": len(jpeg),
+        "layout_png_bytes": int(layout.stdout),
+        "submission": answer,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--label", default="this checkout")
+    parser.add_argument(
+        "--only", default="parse,decode,large,bomb,icc", help="comma-separated attacks to run"
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
     result: dict[str, Any] = {"label": args.label}
-    with running_server(args.repo) as (base, pid):
-        result["parse_attack"] = parse_attack(base, pid)
-    with running_server(args.repo) as (base, pid):
-        result["decode_attack"] = decode_attack(base, pid)
-    with running_server(args.repo) as (base, pid):  # within every budget: accepted
-        result["large_images"] = decode_attack(base, pid, flat_png("RGB", (4000, 3000)))
+    if "parse" in only:
+        with running_server(args.repo) as (base, pid):
+            result["parse_attack"] = parse_attack(base, pid)
+    if "decode" in only:
+        with running_server(args.repo) as (base, pid):
+            result["decode_attack"] = decode_attack(base, pid)
+    if "large" in only:
+        with running_server(args.repo) as (base, pid):  # within every budget: accepted
+            result["large_images"] = decode_attack(base, pid, flat_png("RGB", (4000, 3000)))
+    if "bomb" in only:
+        result["compressed_bomb"] = bomb_attack(args.repo)
+    if "icc" in only:
+        result["icc_profile"] = icc_attack(args.repo)
     print(json.dumps(result, indent=2))
 
 

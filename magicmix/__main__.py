@@ -1,3 +1,3 @@
-from magicmix.cli import main
+from magicmix.cli.main import main
 
 main()

@@ -1,7 +1,8 @@
 """The small error tree of magicmix.
 
-Lower layers raise these; only the HTTP server (and the CLI) turn them into status codes
-and the vendor's error body, in one place each.
+Lower layers raise these and know nothing of transports: the HTTP layer maps each class to
+a status code and the vendor's error body (`http.errors.STATUS`), the CLI to a one-line
+message and an exit code (`cli.options.failure`), each in one place.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 class MagicMixError(Exception):
     """Base of every error we raise on purpose; `message` is safe to show to a client."""
-
-    status_code = 500
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -21,56 +20,42 @@ class MagicMixError(Exception):
 class InvalidInput(MagicMixError):
     """The request is wrong; `field` names the offending field when there is one."""
 
-    status_code = 422
-
 
 class PayloadTooLarge(InvalidInput):
     """An input is over a size limit (bytes or pixels)."""
-
-    status_code = 413
 
 
 class Unauthorized(MagicMixError):
     """Missing or unknown API key."""
 
-    status_code = 401
-
 
 class Forbidden(MagicMixError):
     """A valid key asked for something it may not do (e.g. admin routes)."""
-
-    status_code = 403
 
 
 class NotFound(MagicMixError):
     """Unknown job id, or a job of another key (we do not say which)."""
 
-    status_code = 404
-
 
 class Conflict(MagicMixError):
     """The same request is still being handled (an Idempotency-Key in use)."""
-
-    status_code = 409
 
 
 class Gone(MagicMixError):
     """The thing existed but is no more: an expired job's outputs."""
 
-    status_code = 410
-
 
 class Busy(MagicMixError):
     """Over capacity; clients should retry after `retry_after` seconds."""
-
-    status_code = 429
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
+class NotSupported(MagicMixError):
+    """A request this service understands but does not do (e.g. updating itself)."""
+
+
 class StorageError(MagicMixError):
     """An output store or a user's bucket refused or failed."""
-
-    status_code = 502

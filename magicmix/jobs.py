@@ -43,8 +43,10 @@ class JobParams(MixParams):
     """What to run, as validated at submission; `seed` is always resolved by then."""
 
     seed: int  # resolved at submission: never None in a job
-    width: int  # resolved at submission (the model family's size unless asked)
+    width: int  # resolved at submission (the model family's size unless asked), rounded
     height: int
+    width_requested: int | None = None  # as the client sent them (None: not sent)
+    height_requested: int | None = None
     image_ref: str  # the input URL, or a short description of inline data (never the bytes)
     webhook: str | None = None
     track_id: str | int | None = None
@@ -226,8 +228,19 @@ class NewJob:
 def params_from(
     submission: Submission, *, family: ModelFamily, seed: int, image_ref: str
 ) -> JobParams:
-    """A job's params from what the client sent (the image itself is stored apart)."""
+    """A job's params from what the client sent (the image itself is stored apart).
+
+    Not validated again: the submission was, by the schema, on its way in.
+    """
     width, height = submission.size_for(family)
-    resolved = {"seed", "image_ref", "width", "height"}
+    resolved = {"seed", "image_ref", "width", "height", "width_requested", "height_requested"}
     fields = submission.model_dump(include=set(JobParams.model_fields) - resolved)
-    return JobParams(**fields, seed=seed, image_ref=image_ref, width=width, height=height)
+    return JobParams.model_construct(
+        **fields,
+        seed=seed,
+        image_ref=image_ref,
+        width=width,
+        height=height,
+        width_requested=submission.width,
+        height_requested=submission.height,
+    )

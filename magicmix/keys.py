@@ -14,10 +14,6 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Protocol
-
-from magicmix.errors import InvalidInput, NotFound
 
 KEY_PREFIX = "mm_"
 
@@ -51,19 +47,6 @@ class KeyInfo:
     created_at: float
     revoked_at: float | None = None
     static: bool = False  # from MAGICMIX_API_KEYS: revoked by editing that setting
-
-
-class KeyStore(Protocol):
-    """Issues, authenticates and revokes keys; keeps each key's encrypted S3 details."""
-
-    def create(self, *, admin: bool = False) -> NewKey: ...
-    def list(self) -> list[KeyInfo]: ...
-    def revoke(self, key_id: str) -> bool: ...
-    def authenticate(self, key: str) -> Principal: ...
-    def webhook_secret(self, key_id: str) -> str: ...
-    def get_s3(self, key_id: str) -> str | None: ...
-    def set_s3(self, key_id: str, blob: str) -> None: ...
-    def delete_s3(self, key_id: str) -> bool: ...
 
 
 def new_signing_secret() -> str:
@@ -125,40 +108,3 @@ class StaticKeys:
             KeyInfo(p.key_id, admin=True, created_at=0.0, static=True)
             for p in self._by_hash.values()
         ]
-
-
-def describe_key(info: KeyInfo) -> str:
-    """One line of `keys list`: id, role, when made, and when revoked."""
-    made = "from MAGICMIX_API_KEYS" if info.static else _when(info.created_at)
-    revoked = f"  revoked {_when(info.revoked_at)}" if info.revoked_at else ""
-    return f"{info.key_id}  {'admin' if info.admin else 'user '}  {made}{revoked}"
-
-
-def _when(timestamp: float | None) -> str:
-    return datetime.fromtimestamp(timestamp or 0, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def key_action(keys: KeyStore, action: str, *, key_id: str = "", admin: bool = False) -> str:
-    """What `magicmix keys create|list|revoke` prints, on any key store.
-
-    `create` prints the key alone on the first line (scripts take it from there).
-    """
-    if action == "create":
-        new = keys.create(admin=admin)
-        role = "admin" if new.admin else "user"
-        return "\n".join(
-            [
-                new.key,
-                f"key id: {new.key_id} ({role})",
-                f"webhook signing secret: {new.webhook_secret}",
-            ]
-        )
-    if action == "list":
-        return "\n".join(describe_key(info) for info in keys.list()) or "no keys"
-    if action == "revoke":
-        if not keys.revoke(key_id):
-            raise NotFound(
-                f"no active key {key_id!r} (static keys are removed from MAGICMIX_API_KEYS)"
-            )
-        return f"revoked {key_id}"
-    raise InvalidInput(f"unknown action {action!r}: create, list or revoke", field="action")

@@ -29,10 +29,16 @@ class Links(Protocol):
 
 
 class Meta(BaseModel):
-    """The seed's `meta` block, echoing what was run (with the seed actually used)."""
+    """The seed's `meta` block, echoing what was run (with the seed actually used).
+
+    `H`/`W` are the size run: the size asked for (`H_requested`/`W_requested`, null when
+    none was) rounded down to a multiple of 8, or the model's native size.
+    """
 
     H: int
     W: int
+    H_requested: int | None = None
+    W_requested: int | None = None
     file_prefix: str
     image: str
     kmax: float
@@ -110,6 +116,8 @@ def meta(job: JobRecord) -> Meta:
     return Meta(
         H=p.height,
         W=p.width,
+        H_requested=p.height_requested,
+        W_requested=p.width_requested,
         file_prefix=job.file_prefix,
         image=p.image_ref,
         kmax=p.kmax,

@@ -24,13 +24,21 @@ from magicmix import __version__
 from magicmix.backends.base import Dispatcher
 from magicmix.config import Settings
 from magicmix.crypto import SecretBox
-from magicmix.errors import Busy, Conflict, Forbidden, InvalidInput, NotFound, StorageError
+from magicmix.errors import (
+    Busy,
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    NotSupported,
+    StorageError,
+)
 from magicmix.families import ModelFamily
 from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.inputs.netguard import check_url
 from magicmix.inputs.sources import image_bytes_from_field
 from magicmix.jobs import Idempotency, IdempotencyClaim, JobRecord, params_from
-from magicmix.keys import KeyStore, Principal
+from magicmix.keys import Principal
 from magicmix.lifecycle import Lifecycle
 from magicmix.outputs.store import OutputStore
 from magicmix.outputs.user_bucket import S3Details, UserBucket, check_s3_endpoint
@@ -43,7 +51,8 @@ from magicmix.replies import (
     ended_reply,
     meta,
 )
-from magicmix.request import Submission, random_seed, validate_request
+from magicmix.request import Submission, random_seed
+from magicmix.store.base import KeyStore
 
 log = logging.getLogger(__name__)
 REPLY_RESERVE_S = 5.0  # of a request's deadline, kept for the store calls of its reply
@@ -194,7 +203,6 @@ class MagicMixService:
             seed=body.seed if body.seed is not None else random_seed(),
             image_ref=describe_image_field(body.image, len(data)),
         )
-        validate_request(params.mix_request(image))
         job = await asyncio.to_thread(
             functools.partial(self.lifecycle.create, idempotency=idempotency),
             principal.key_id,
@@ -290,11 +298,11 @@ class MagicMixService:
 
     @staticmethod
     def update_server() -> MessageOut:
-        return MessageOut(
-            status="error",
-            message="magicmix is not updated through the API: redeploy the new version"
+        """Never: a new version is deployed, not pulled by a running service."""
+        raise NotSupported(
+            "magicmix is not updated through the API: redeploy the new version"
             " (`modal deploy modal_app.py`, or restart `magicmix serve`). Nothing"
-            " was changed.",
+            " was changed."
         )
 
     async def update_s3(self, details: S3Details, principal: Principal) -> MessageOut:

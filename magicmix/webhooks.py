@@ -9,9 +9,13 @@ or another container resumes where the last one stopped. Every attempt of a job 
 the same `webhook-id`, so receivers can drop duplicates. The schedule follows the spec's
 recommendation (https://www.standardwebhooks.com, "Retry schedule"): attempts at these
 offsets after the job ended: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h,
-24 h. A 2xx is delivered; 410 Gone stops deliveries to that receiver; 429 and 5xx (and
-network errors) are retried, no sooner than a `Retry-After` asks; other answers are final.
-Delivery never raises for the receiver's sake. The secret and the body are never logged.
+24 h. A 2xx is delivered; 410 Gone stops deliveries to that receiver; every other answer
+(3xx, 4xx, 5xx: redirects are not followed) and every network error is a failed attempt,
+retried on the schedule, no sooner than a `Retry-After` asks. `Retry-After` is read
+strictly (RFC 9110 section 10.2.3): ASCII digits, or an HTTP date in ASCII; anything else
+(`²`, `①`, Arabic-Indic or fullwidth digits, `1e3`, `-5`) is ignored, as if absent.
+Whatever goes wrong in one attempt is recorded on that attempt: delivery never raises for
+the receiver's sake. The secret and the body are never logged.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,13 +44,15 @@ from magicmix.inputs.netguard import (
     redact_url,
 )
 from magicmix.jobs import JobRecord, WebhookState
-from magicmix.keys import KeyStore
 from magicmix.replies import webhook_json
-from magicmix.store.base import JobStore
+from magicmix.store.base import JobStore, KeyStore
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 24 * 3600.0  # a receiver cannot push an attempt further than this
+# RFC 9110's delay-seconds is 1*DIGIT, and DIGIT is ASCII 0-9 only (`str.isdigit` and `\d`
+# also take `²`, `①`, `٣`); surrounding spaces and tabs are the field's optional whitespace
+_DELAY_SECONDS = re.compile(r"[ \t]*([0-9]+)[ \t]*")
 
 
 def sign_headers(secret: str, msg_id: str, body: bytes, timestamp: datetime) -> dict[str, str]:
@@ -116,21 +123,25 @@ async def post_once(
     error = f"the receiver answered HTTP {status}"
     if status == 410:
         return Attempt(status, error + " (Gone): no more deliveries to it", gone=True)
-    retry = status in (408, 429) or status >= 500
-    return Attempt(status, error, retry=retry, retry_after_s=retry_after if retry else None)
+    # Standard Webhooks: any other status is a failed attempt (a redirect is not followed:
+    # the receiver must be configured with its final URL)
+    return Attempt(status, error, retry=True, retry_after_s=retry_after)
 
 
 def _retry_after_s(value: str | None) -> float | None:
-    """A `Retry-After` header (seconds or an HTTP date) as seconds from now."""
-    if not value:
+    """A `Retry-After` header as seconds from now; None when absent or not well-formed."""
+    if not value or not value.isascii():  # an HTTP date is ASCII too
         return None
-    if value.strip().isdigit():
-        return float(value.strip())
+    delay = _DELAY_SECONDS.fullmatch(value)
+    if delay is not None:
+        digits = delay.group(1).lstrip("0") or "0"
+        # past nine digits it is over the cap anyway (and int() refuses 4,300+ digits)
+        return float(digits) if len(digits) <= 9 else MAX_RETRY_AFTER_S
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
+    except (TypeError, ValueError, IndexError, OverflowError):  # not a date we can read
         return None
-    return max(0.0, when.timestamp() - time.time()) if when.tzinfo else None
 
 
 class WebhookSender:
@@ -182,6 +193,18 @@ class WebhookSender:
         return state if recorded else None
 
     async def _attempt(self, job: JobRecord, url: str) -> Attempt:
+        """One attempt, whatever happens in it: an error we did not foresee (a receiver's
+        header, a library's corner) is recorded on this attempt and retried on the
+        schedule, never raised into the pass that sends the other jobs' webhooks."""
+        try:
+            return await self._post(job, url)
+        except Exception as err:
+            # the type only: an exception's text may carry the URL's query string
+            why = f"the attempt failed unexpectedly ({type(err).__name__})"
+            log.error("webhook of job %s: %s", job.id, why)
+            return Attempt(None, why, retry=True)
+
+    async def _post(self, job: JobRecord, url: str) -> Attempt:
         settings = self._settings
         try:
             await asyncio.to_thread(

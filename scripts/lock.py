@@ -29,6 +29,7 @@ WEB_ROOTS = [
     "boto3",
     "cryptography",
     "fastapi",
+    "fastapi-offline",
     "httpx",
     "huggingface-hub",
     "pillow",

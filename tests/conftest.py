@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from magicmix.engine import MagicMixEngine
 from magicmix.engine.builder import build_random_model
+from magicmix.logs import install_redaction
 
 pytest_plugins: list[str] = ["tests.s3_server", "tests.service_fixtures", "tests.db_fixtures"]
 
@@ -38,6 +41,21 @@ def make_layout_image(width: int = 320, height: int = 240, seed: int = 0) -> Ima
     pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1)
     pixels[height // 4 : height // 2, width // 4 : width // 2] = rng.integers(0, 255, 3)
     return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.fixture
+def raw_log_records() -> Iterator[None]:
+    """Log records as our code makes them. `magicmix.logs.install_redaction` (through
+    `configure_logging`, which `build_local_service` runs: every test that serves the app)
+    replaces the process's record factory for good: from then on every record is redacted,
+    and a line of ours that leaks a URL passes unseen in any test file run after that."""
+    install_redaction()  # as another test file would have: the test must not depend on it
+    previous = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(previous)
 
 
 @pytest.fixture

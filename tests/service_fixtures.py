@@ -1,4 +1,7 @@
-"""Run the real service: uvicorn on a loopback port, real SQLite, the tiny model."""
+"""Run the real service: uvicorn on a loopback port, real SQLite, the tiny model.
+
+Also `parses`, which counts the bodies the app parses (a body refused unparsed adds none).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import httpx
 import pytest
 import uvicorn
 from PIL import Image
+from starlette.requests import Request
 
 from magicmix.backends.local.compose import build_local_service, open_key_store
 from magicmix.config import Settings
@@ -125,6 +129,20 @@ def serve(settings: Settings) -> Iterator[RunningService]:
 def sweep_now(service: MagicMixService) -> SweepReport:
     """One sweep over a running service's stores, as its periodic sweep would run it."""
     return asyncio.run(Sweeper(service.lifecycle, service.outputs, service.settings).run_once())
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the request bodies FastAPI parses as JSON (by their size)."""
+    seen: list[int] = []
+    real = Request.json
+
+    async def counting(self: Request) -> Any:
+        seen.append(len(await self.body()))
+        return await real(self)
+
+    monkeypatch.setattr(Request, "json", counting)
+    return seen
 
 
 @pytest.fixture(scope="module")

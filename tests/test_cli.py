@@ -114,6 +114,31 @@ def test_keys_create_prints_a_key_that_the_service_accepts(cli_env: dict[str, st
     assert open_key_store(settings).authenticate(key).key_id in run.stderr
 
 
+def test_keys_list_and_revoke_print_the_clis_lines(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = run_cli(monkeypatch, cli_env, "keys", "create", "--admin")
+    key_id = made.output.split("key id: ", 1)[1].split()[0]
+    listed = run_cli(monkeypatch, cli_env, "keys", "list").output
+    assert f"{key_id}  admin  " in listed and "UTC" in listed
+    assert run_cli(monkeypatch, cli_env, "keys", "revoke", key_id).output.strip() == (
+        f"revoked {key_id}"
+    )
+    again = run_cli(monkeypatch, cli_env, "keys", "revoke", key_id)
+    assert again.exit_code == 2 and f"error: no active key '{key_id}'" in again.output
+
+
+def test_the_modal_key_manager_loads_the_clis_lines_without_typer() -> None:
+    """The Modal app's `manage_keys` prints the CLI's lines: loading them needs no typer."""
+    probe = (
+        "import sys, magicmix.cli.keys as k, magicmix.backends.modal.compose as c; "
+        "assert k.key_action and c.manage_keys; "
+        "assert 'typer' not in sys.modules, 'typer was imported'"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_every_command_has_help(cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     run = magicmix("--help", env=cli_env)  # the installed entry point, as a user runs it
     assert run.returncode == 0 and "Usage" in run.stdout

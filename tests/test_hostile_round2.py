@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image, ImageFile
-from starlette.requests import Request
 
 from magicmix.errors import InvalidInput
 from magicmix.inputs import images
@@ -106,20 +105,6 @@ def test_1_the_probe_does_not_say_whether_an_internal_address_answers(
 
 
 # -- 2. an unauthenticated body that costs seconds to parse -----------------------------
-
-
-@pytest.fixture
-def parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the request bodies FastAPI parses as JSON (by their size)."""
-    seen: list[int] = []
-    real = Request.json
-
-    async def counting(self: Request) -> Any:
-        seen.append(len(await self.body()))
-        return await real(self)
-
-    monkeypatch.setattr(Request, "json", counting)
-    return seen
 
 
 def test_2_a_huge_body_with_a_bogus_key_is_refused_unparsed(

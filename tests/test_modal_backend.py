@@ -29,6 +29,7 @@ from magicmix.backends.modal import compose, weights
 from magicmix.backends.modal.compose import POOLS, ModalParts
 from magicmix.backends.modal.dispatch import ModalDispatcher, parse_job_input
 from magicmix.backends.modal.gpu import GpuWorker
+from magicmix.cli.keys import key_action
 from magicmix.config import Settings
 from magicmix.engine import MagicMixEngine
 from magicmix.engine.configure import load_for_snapshot
@@ -442,21 +443,24 @@ def test_weights_load_without_touching_cuda(
 def test_keys_are_issued_listed_and_revoked_on_the_deployed_store(
     client: TestClient, modal_like: ModalLike
 ) -> None:
-    created = compose.manage_keys(modal_like.web, "create")
+    created = compose.manage_keys(modal_like.web, key_action, "create")
     user_key, id_line, secret_line = created.splitlines()
     key_id = id_line.split()[2]
     assert user_key.startswith("mm_") and "(user)" in id_line and "whsec_" in secret_line
-    assert key_id in compose.manage_keys(modal_like.web, "list")
+    assert key_id in compose.manage_keys(modal_like.web, key_action, "list")
     reply = client.post(MIX, json=mix_body(key=user_key)).json()
     assert reply["status"] == "success", reply
     admin_only = client.post(f"{EDITING}/clear_queue", json={"key": user_key})
     assert admin_only.status_code == 403  # a user key never reaches the admin routes
-    assert compose.manage_keys(modal_like.web, "revoke", key_id=key_id) == f"revoked {key_id}"
+    assert (
+        compose.manage_keys(modal_like.web, key_action, "revoke", key_id=key_id)
+        == f"revoked {key_id}"
+    )
     assert client.post(MIX, json=mix_body(key=user_key)).status_code == 401
-    listed = compose.manage_keys(modal_like.web, "list")
+    listed = compose.manage_keys(modal_like.web, key_action, "list")
     assert f"{key_id}  user " in listed and "revoked" in listed and user_key not in listed
     with pytest.raises(RuntimeError, match="no active key") as refused:
-        compose.manage_keys(modal_like.web, "revoke", key_id="key-unknown")
+        compose.manage_keys(modal_like.web, key_action, "revoke", key_id="key-unknown")
     assert type(refused.value) is RuntimeError  # a laptop with only modal can unpickle it
 
 

@@ -213,8 +213,9 @@ def test_each_invalid_field_is_422_naming_it(
 def test_missing_fields_and_bad_json_are_422(running: RunningService) -> None:
     reply = running.post(MIX, {"key": running.key})
     assert reply.status_code == 422 and {"prompt", "image"} <= set(reply.json()["errors"])
+    broken = b'{"key": "%s", not json' % running.key.encode()
     raw = running.http.post(
-        running.base_url + MIX, content=b"{not json", headers={"Content-Type": "application/json"}
+        running.base_url + MIX, content=broken, headers={"Content-Type": "application/json"}
     )
     assert raw.status_code == 422 and raw.json()["errors"] == {"body": raw.json()["errors"]["body"]}
 

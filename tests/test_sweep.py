@@ -46,7 +46,7 @@ def test_parse_values_accepts_spaces_and_drops_repeats() -> None:
     ],
 )
 def test_parse_values_refuses_with_the_option_name(text: str, why: str) -> None:
-    with pytest.raises(InvalidInput, match="kmax") as caught:
+    with pytest.raises(InvalidInput) as caught:
         parse_values(text, "kmax")
     assert why in caught.value.message and caught.value.field == "kmax"
 
@@ -143,7 +143,7 @@ def test_sweep_command_writes_the_sheet_and_the_runs(
     [
         ("--kmin", "0.2,x", "error: kmin: 'x' is not a number"),
         ("--mix-factor", "", "error: mix_factor: expected comma-separated numbers"),
-        ("--kmin", "0.9", "error: every kmin is above every kmax: nothing to run"),
+        ("--kmin", "0.9", "error: kmin: every kmin is above every kmax: nothing to run"),
     ],
 )
 def test_sweep_command_refuses_bad_lists_in_one_line(

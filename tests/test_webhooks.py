@@ -188,7 +188,10 @@ def test_retry_after_pushes_the_next_attempt_gone_stops_and_4xx_is_final() -> No
 
 
 def test_delivered_signed_with_the_keys_secret_and_logged_without_secrets(
-    world: World, receiver: LoopbackServer, caplog: pytest.LogCaptureFixture
+    world: World,
+    receiver: LoopbackServer,
+    caplog: pytest.LogCaptureFixture,
+    raw_log_records: None,
 ) -> None:
     job = world.ended_job(receiver.url("/ok?token=s3cr3t"))
     with caplog.at_level(logging.INFO, logger="magicmix.webhooks"):
@@ -253,17 +256,22 @@ def test_retry_after_header_is_honoured(
     assert world.webhook(dated.id).next_at == pytest.approx(clock.now + 900, abs=2)
 
 
-def test_410_stops_deliveries_and_a_4xx_is_final(
+def test_410_stops_deliveries_and_a_4xx_is_retried(
     world: World, receiver: LoopbackServer, clock: Clock
 ) -> None:
     gone, bad = world.ended_job(receiver.url("/gone")), world.ended_job(receiver.url("/bad"))
     world.send_due()
     assert world.webhook(gone.id).phase == "stopped"
     assert world.webhook(bad.id) == WebhookState(
-        phase="failed", attempts=1, last_status=400, last_error="the receiver answered HTTP 400"
+        phase="pending",
+        attempts=1,
+        next_at=clock.now + 5,
+        last_status=400,
+        last_error="the receiver answered HTTP 400",
     )
     clock.now += 10**6
-    assert world.send_due() == [] and len(receiver.requests) == 2
+    assert [s.phase for s in world.send_due()] == ["pending"]  # only /bad, once more
+    assert len(receiver.requests) == 3
 
 
 def test_receiver_down_or_slow_is_retried(

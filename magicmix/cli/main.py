@@ -12,6 +12,7 @@ from magicmix.cli.options import (
     ImageOption,
     PromptOption,
     fail,
+    failure,
     mix_params,
     mix_request,
     model_family,
@@ -51,7 +52,6 @@ def mix(
 ) -> None:
     """Mix one image with a prompt and write the result as a PNG (progress on stderr)."""
     from magicmix.inputs.images import png_bytes
-    from magicmix.request import validate_request
 
     settings = get_settings()
     try:
@@ -67,15 +67,12 @@ def mix(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        family = model_family(settings)
-        request = mix_request(image, params, family, settings)
-        # before the model loads: bad values fail in a blink
-        validate_request(request, vae_scale_factor=family.latent_factor)
+        request = mix_request(image, params, model_family(settings), settings)
         from magicmix.engine.configure import load_engine
 
         (result,) = load_engine(settings).mix([request], progress=True)
     except MagicMixError as err:
-        raise fail(f"{err.field}: {err.message}" if err.field else err.message) from err
+        raise failure(err) from err
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png_bytes(result.image))
     typer.echo(
@@ -162,12 +159,12 @@ def _keys(action: str, *, on_modal: bool, key_id: str = "", admin: bool = False)
         function = modal.Function.from_name("magicmix", "manage_keys")
         return str(function.remote(action, key_id, admin))
     from magicmix.backends.local.compose import open_key_store
-    from magicmix.keys import key_action
+    from magicmix.cli.keys import key_action
 
     try:
         return key_action(open_key_store(get_settings()), action, key_id=key_id, admin=admin)
     except MagicMixError as err:
-        raise fail(err.message) from err
+        raise failure(err) from err
     except ValueError as err:  # a setting that cannot work, said plainly
         raise fail(str(err)) from err
 

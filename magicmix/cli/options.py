@@ -5,18 +5,22 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from magicmix.config import Settings
-from magicmix.errors import InvalidInput
+from magicmix.errors import MagicMixError
 from magicmix.families import ModelFamily, resolve_family
-from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, describe
+from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, describe, validated
 
 
 def fail(message: str) -> typer.Exit:
     """Print a one-line error on stderr; the caller raises the returned exit."""
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code=2)
+
+
+def failure(err: MagicMixError) -> typer.Exit:
+    """The CLI's one mapping of an error: `error: FIELD: why` on stderr, exit code 2."""
+    return fail(f"{err.field}: {err.message}" if err.field else err.message)
 
 
 def option(name: str, **extra: Any) -> Any:
@@ -44,14 +48,9 @@ def mix_request(
 
 
 def mix_params(**values: Any) -> MixParams:
-    """Validate CLI values exactly as the API validates a request body."""
-    try:
-        return MixParams(**values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "value"
-        why = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidInput(f"{why}", field=field) from err
+    """Validate CLI values exactly as the API validates a request body (the schema's
+    code), once, before anything loads."""
+    return validated(MixParams, values)
 
 
 ImageOption = Annotated[str, typer.Option(help="Layout image: a local path or an http(s) URL.")]

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from magicmix.cli.options import (
     ImageOption,
     PromptOption,
-    fail,
+    failure,
     mix_params,
     mix_request,
     model_family,
@@ -51,15 +51,15 @@ def parse_values(text: str, name: str) -> list[float]:
     """`"0.2, 0.3,0.4"` → `[0.2, 0.3, 0.4]`, refusing blanks, non-numbers and values off [0, 1]."""
     parts = [part.strip() for part in text.split(",")]
     if not text.strip() or any(not part for part in parts):
-        raise InvalidInput(f"{name}: expected comma-separated numbers, got {text!r}", field=name)
+        raise InvalidInput(f"expected comma-separated numbers, got {text!r}", field=name)
     values: list[float] = []
     for part in parts:
         try:
             value = float(part)
         except ValueError:
-            raise InvalidInput(f"{name}: {part!r} is not a number", field=name) from None
+            raise InvalidInput(f"{part!r} is not a number", field=name) from None
         if not 0.0 <= value <= 1.0:  # also refuses nan and inf
-            raise InvalidInput(f"{name}: {value} is outside [0, 1]", field=name)
+            raise InvalidInput(f"{value} is outside [0, 1]", field=name)
         if value not in values:
             values.append(value)
     return values
@@ -258,7 +258,7 @@ def sweep_command(
             typer.echo(f"skipped kmin={kmin_value:g} > kmax={kmax_value:g}", err=True)
         cells = run_sweep(engine, base, plan, progress=True)
     except MagicMixError as err:
-        raise fail(err.message) from err
+        raise failure(err) from err
     title = f"{prompt!r} · seed {seed} · {steps} steps · cfg {guidance_scale:g} · {settings.model}"
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(cells, plan, title).save(out, format="PNG", optimize=True)

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from magicmix import __version__
 from magicmix.http.errors import install_error_handlers
-from magicmix.http.middleware import AccessLog, BodyGuard
+from magicmix.http.middleware import AccessLog, BodyGuard, HeadAsGet, SecurityHeaders
 from magicmix.http.routes import files, mix, s3, system
 from magicmix.service import MagicMixService
 
@@ -34,6 +34,8 @@ def create_app(service: MagicMixService) -> FastAPI:
         description="MagicMix semantic image mixing, compatible with ModelsLab's enterprise"
         " `magic_mix` API. Every POST body carries the API key as `key`.",
         lifespan=lifespan,
+        docs_url=None,  # ours, served offline (`routes.files.docs`); FastAPI's loads a CDN
+        redoc_url=None,
     )
     app.state.service = service
     install_error_handlers(app)
@@ -45,8 +47,11 @@ def create_app(service: MagicMixService) -> FastAPI:
         max_containers=settings.max_json_containers,
         authenticate=service.authenticate,
     )
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(HeadAsGet)
     app.add_middleware(AccessLog)
     for module in (mix, system, s3, files):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=files.STATIC_DIR, check_dir=False), name="static")
+    app.mount("/docs/vendor", StaticFiles(directory=files.SWAGGER_UI_DIR), name="swagger-ui")
     return app

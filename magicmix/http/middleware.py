@@ -1,17 +1,19 @@
-"""ASGI middleware: limits on every request body checked before it is parsed; the access log.
+"""ASGI middleware: limits on every request body checked before it is parsed; HEAD as GET;
+the browser-hardening headers; the access log.
 
 Starlette has neither a body-size limit nor a body-read timeout, and FastAPI parses a
 body (on the event loop) before any dependency runs, so the key check of `http.deps`
 comes too late to stop an unauthenticated client from costing seconds of parsing.
 `BodyGuard` reads the body itself first, within limits of bytes, time and structure,
-refuses a body whose key is known to be wrong without parsing it, and hands the bytes on.
+refuses a body whose key is wrong, or cannot be read without parsing it, and hands the
+bytes on. Its refusals are the app's own error replies (`http.errors.error_response`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import codecs
+import itertools
 import logging
 import re
 import time
@@ -21,13 +23,52 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from magicmix.errors import InvalidInput, MagicMixError, PayloadTooLarge, Unauthorized
-from magicmix.http.errors import error_response
-from magicmix.http.schemas import ErrorOut
+from magicmix.http.errors import BodyTimeout, error_response
 
 log = logging.getLogger("magicmix.http.access")
 
-# `"key": "..."` anywhere in the raw body; the key field is at most 256 characters
-_KEY = re.compile(rb'"key"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+# A member named "key", spelled plainly or with \u escapes (`"k\u0065y"` is the same name to
+# a JSON parser), whose opening quote is not itself escaped: preceded by an even run of
+# backslashes. In valid JSON such a match is a member name, never text inside a string.
+_KEY_NAME = re.compile(
+    rb'(?<!\\)(?:\\\\)*"(?P<name>(?:k|\\u006[bB])(?:e|\\u0065)(?:y|\\u0079))"\s*:\s*'
+)
+# The key's value as we accept it: a JSON string of 1..256 bytes, no escape in it
+_PLAIN_VALUE = re.compile(rb'"([^"\\\x00-\x1f]{1,256})"')
+_BOMS = (codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # UTF-32's begin so too
+
+
+def plain_key(body: bytes) -> str:
+    """The API key of a JSON body, read from its bytes without parsing them.
+
+    RFC 8259 section 8.1: JSON between systems is UTF-8 without a byte order mark; a body
+    in another encoding is refused (422) before anything reads it. The key must be one
+    plain member: `"key": "..."`, a string without escapes, present once. Anything else
+    (a name spelled with escapes, a duplicate, a number, an escaped value) could only be
+    read by parsing the whole body, which is what an unauthenticated client must not
+    cost: refused with 401.
+    """
+    if body.startswith(_BOMS) or b"\x00" in body:
+        raise InvalidInput(
+            "the body must be JSON in UTF-8 without a byte order mark (RFC 8259)", field="body"
+        )
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInput(
+            f"the body is not valid UTF-8 (at byte {err.start}); JSON must be UTF-8",
+            field="body",
+        ) from err
+    names = list(itertools.islice(_KEY_NAME.finditer(body), 2))
+    if not names:
+        raise Unauthorized('no API key: send it in the body as "key"')
+    value = _PLAIN_VALUE.match(body, names[0].end())
+    if len(names) > 1 or names[0]["name"] != b"key" or value is None:
+        raise Unauthorized(
+            "the API key must be sent once, as a plain JSON string of 1 to 256 bytes without"
+            ' escapes: "key": "..."'
+        )
+    return value.group(1).decode("utf-8")
 
 
 class BodyGuard:
@@ -37,6 +78,7 @@ class BodyGuard:
     - not all there within `timeout_s` of the first byte asked for: 408;
     - more than `max_containers` JSON arrays and objects (`[` and `{`; our bodies are
       flat objects): 422, since millions of `[]` cost seconds and hundreds of MB to parse;
+    - not UTF-8, or no key readable without parsing (`plain_key`): 422 or 401;
     - a `"key"` that `authenticate` refuses: 401.
     """
 
@@ -63,13 +105,10 @@ class BodyGuard:
             body = await self._read(scope, receive)
             await self._check(body)
         except MagicMixError as err:
-            errors = {err.field: err.message} if err.field else None
-            await _answer(send, err.status_code, ErrorOut(message=err.message, errors=errors))
+            await _answer(send, err)
             return
         except TimeoutError:
-            await _answer(
-                send, 408, ErrorOut(message=f"the body did not arrive within {self.timeout_s:g} s")
-            )
+            await _answer(send, BodyTimeout(f"the body did not arrive within {self.timeout_s:g} s"))
             return
         replayed = False
 
@@ -100,18 +139,13 @@ class BodyGuard:
                 return bytes(body)
 
     async def _check(self, body: bytes) -> None:
-        match = _KEY.search(body)
-        key = None
-        if match is not None:
-            with contextlib.suppress(ValueError):
-                key = json.loads(b'"' + match.group(1) + b'"')
-        if key is not None:  # no plain key: the route's own validation says what is wrong
-            try:
-                await run_in_threadpool(self.authenticate, key)
-            except Unauthorized:
-                raise
-            except MagicMixError:  # e.g. the key store is busy: let the route decide
-                pass
+        key = plain_key(body)
+        try:
+            await run_in_threadpool(self.authenticate, key)
+        except Unauthorized:
+            raise
+        except MagicMixError:  # e.g. the key store is busy: let the route decide
+            pass
         containers = body.count(b"[") + body.count(b"{")
         if containers > self.max_containers:
             raise InvalidInput(
@@ -121,10 +155,80 @@ class BodyGuard:
             )
 
 
-async def _answer(send: Send, status: int, body: ErrorOut) -> None:
-    response = error_response(status, body)
-    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+async def _answer(send: Send, err: MagicMixError) -> None:
+    """Reply to `err` as the app's handlers would (`http.errors`), before the app runs."""
+    response = error_response(err)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
     await send({"type": "http.response.body", "body": response.body})
+
+
+class SecurityHeaders:
+    """Headers that make every page and file safe to open in a browser.
+
+    The playground keeps the API key in the browser; the CSP is what keeps any script but
+    this server's own from reading it: no inline script, no outside script or style, no
+    framing. Images may come from anywhere (outputs in a user's bucket, the image URL a
+    user previews); requests go to this origin only.
+    """
+
+    HEADERS = (
+        (
+            b"content-security-policy",
+            b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:"
+            b" blob: http: https:; connect-src 'self'; base-uri 'none'; form-action 'self';"
+            b" frame-ancestors 'none'",
+        ),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class HeadAsGet:
+    """HEAD wherever GET works (RFC 9110 section 9.3.2): the GET route answers, its headers
+    go out, its body does not.
+
+    FastAPI's routes answer only the methods they name (Starlette's own add HEAD to GET),
+    so a HEAD is routed as a GET here, once for every route (the API's, `/docs`,
+    `/openapi.json`, static files), without documenting a HEAD twin of each in OpenAPI.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] != "http.response.body":
+                await send(message)
+            elif not message.get("more_body", False):  # the GET's Content-Length stays
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class AccessLog:

@@ -1,8 +1,10 @@
 """Wire schemas of requests: ModelsLab's exact field names, and the error body.
 
 Requests ignore unknown fields (as ModelsLab does) and accept numbers sent as strings
-("20"), as real clients send them. The reply bodies are `magicmix.replies` (webhooks send
-them too); internal code uses `jobs.JobParams`, not these.
+("20"), as real clients send them, when the string is written as a JSON number: no
+booleans for numbers, no `"1_000"`, `" 20 "` or `"+5"` (`request.Int`, `request.Float`).
+The reply bodies are `magicmix.replies` (webhooks send them too); internal code uses
+`jobs.JobParams`, not these.
 """
 
 from __future__ import annotations

@@ -4,11 +4,21 @@ Everything the caller cannot trust is bounded here: where we connect (`netguard`
 redirect hop), how long it may take in total (a server dripping one byte a second is cut off
 by the overall deadline, not kept alive by per-read timeouts), and how many bytes we hold.
 The bytes themselves are checked later by `images.decode_image`, not by their content type.
+
+Compressed bodies: we ask for `Accept-Encoding: identity`, but a server may send gzip
+anyway (an S3 object stored with `Content-Encoding: gzip` is served so to everyone).
+httpx would inflate each network read whole before we could count it: 64 KB of gzip of
+zeros is 64 MB, so 32 such fetches held gigabytes. So the raw stream is read and inflated
+here, a bounded step at a time, and no stage ever holds more than `max_image_bytes` (+1):
+gzip and deflate, up to `MAX_CODINGS` layers (`gzip, gzip`); any other coding (br, zstd,
+compress, unknown) is refused, since we asked for none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import zlib
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -22,6 +32,10 @@ from magicmix.inputs.netguard import (
 )
 
 MAX_REDIRECTS = 5
+MAX_CODINGS = 2  # content codings in one Content-Encoding, each bounded on its own
+INFLATE_STEP = 256 * 1024  # bytes inflated between two turns of the event loop
+_GZIP = 16 + zlib.MAX_WBITS
+_ZLIB_WBITS = {"gzip": _GZIP, "x-gzip": _GZIP, "deflate": zlib.MAX_WBITS}  # RFC 9110 8.4.1
 
 
 async def fetch_image_bytes(
@@ -110,12 +124,76 @@ def _check_response(response: httpx.Response, settings: Settings, field: str) ->
 
 
 async def _read_capped(response: httpx.Response, max_bytes: int, field: str) -> bytes:
-    """The body, refused as soon as it grows past `max_bytes` (Content-Length may lie)."""
-    data = bytearray()
-    async for chunk in response.aiter_bytes():
-        data += chunk
-        if len(data) > max_bytes:
-            raise PayloadTooLarge(
-                f"the {field} URL's file is larger than {max_bytes} bytes", field=field
-            )
-    return bytes(data)
+    """The decoded body, refused as soon as any stage grows past `max_bytes` (Content-Length
+    and the compression ratio may both lie)."""
+    body: AsyncIterator[bytes] = response.aiter_raw()
+    for coding in reversed(_codings(response, field)):  # the last one applied comes off first
+        body = _inflate(body, coding, max_bytes, field)
+    chunks: list[bytes] = []  # joined once at the end: a growing buffer would copy itself
+    size = 0
+    async for chunk in body:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes, field)
+    return b"".join(chunks)
+
+
+def _codings(response: httpx.Response, field: str) -> list[str]:
+    """The body's content codings, in the order the server applied them."""
+    codings = [
+        coding.strip().lower()
+        for coding in response.headers.get("content-encoding", "").split(",")
+        if coding.strip().lower() not in ("", "identity")
+    ]
+    unknown = sorted({coding for coding in codings if coding not in _ZLIB_WBITS})
+    if unknown:
+        raise InvalidInput(
+            f"the {field} URL sent its file compressed as {', '.join(unknown)}, which is not"
+            " accepted; serve it uncompressed (or gzip)",
+            field=field,
+        )
+    if len(codings) > MAX_CODINGS:
+        raise InvalidInput(
+            f"the {field} URL sent its file compressed {len(codings)} times over; at most"
+            f" {MAX_CODINGS} layers are accepted",
+            field=field,
+        )
+    return codings
+
+
+async def _inflate(
+    chunks: AsyncIterator[bytes], coding: str, max_bytes: int, field: str
+) -> AsyncIterator[bytes]:
+    """`chunks` decompressed, never producing more than `max_bytes` + 1 bytes in all.
+
+    zlib's `max_length` stops each step at `INFLATE_STEP` bytes (or what is left of the
+    budget), and the event loop gets a turn between steps: 64 KB of gzip is 64 MB.
+    """
+    inflater = zlib.decompressobj(_ZLIB_WBITS[coding])
+    left = max_bytes
+    try:
+        async for chunk in chunks:
+            pending = chunk
+            while pending:
+                out = inflater.decompress(pending, min(left + 1, INFLATE_STEP))
+                pending = inflater.unconsumed_tail
+                if len(out) > left:  # the budget is spent with input left over
+                    raise _too_large(max_bytes, field)
+                left -= len(out)
+                yield out
+                await asyncio.sleep(0)
+        out = inflater.flush()  # all input is consumed: only zlib's last few bytes remain
+    except zlib.error as err:
+        raise InvalidInput(
+            f"the {field} URL's {coding} body is corrupt: {err}", field=field
+        ) from err
+    if len(out) > left:
+        raise _too_large(max_bytes, field)
+    if not inflater.eof:
+        raise InvalidInput(f"the {field} URL's {coding} body is truncated", field=field)
+    yield out
+
+
+def _too_large(max_bytes: int, field: str) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the {field} URL's file is larger than {max_bytes} bytes", field=field)

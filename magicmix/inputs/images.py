@@ -10,6 +10,14 @@ Everything that costs is bounded before it is spent, from the header alone:
 - at most `MAX_PARALLEL_DECODES` images are decoded at once in a process, so concurrent
   large uploads cannot add up; after a large decode freed memory goes back to the OS.
 The service decodes an upload once, at submission, and keeps the reduced image.
+
+Colour and metadata: an embedded ICC profile (a CMYK press profile, Display P3, Adobe
+RGB) is applied with LittleCMS (Pillow's `ImageCms`) so the pixels are sRGB, what the
+model was trained on and what a browser shows the user; a profile LittleCMS cannot read
+or that does not fit the pixels is ignored, as browsers ignore it. Then the image keeps
+no metadata at all: the layout a job stores is pixels only, as small as its pixels allow,
+and always readable back (a 5 MB profile written into it made a 5 MB PNG that PIL
+refuses to read: its MAX_TEXT_CHUNK).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import re
 import threading
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from magicmix.errors import InvalidInput, PayloadTooLarge
 
@@ -41,6 +49,8 @@ _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[\w=.-]+)*)?,(?P<data>.*)$", re.S | re.I
 )
 _BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+_PROFILED_MODES = ("RGB", "CMYK", "L")  # what an embedded profile is applied to
 
 
 def decode_image(
@@ -113,6 +123,13 @@ def _decode(
             "the image is not a readable PNG, JPEG or WebP file", field=field
         ) from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+        if "MAX_TEXT" in str(err):  # PIL's bound on a PNG's zTXt/iTXt/iCCP chunks
+            raise InvalidInput(
+                "the image carries metadata (a PNG text or ICC profile chunk) larger than"
+                f" {PngImagePlugin.MAX_TEXT_CHUNK // 2**20} MiB once decompressed, or"
+                f" {PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MiB in all; save it without it",
+                field=field,
+            ) from err
         raise InvalidInput(f"the image could not be decoded: {err}", field=field) from err
     return image, cost
 
@@ -132,16 +149,34 @@ def _return_memory() -> None:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode (grey, CMYK, 16-bit, palette, alpha) to 8-bit RGB; transparency becomes white."""
+    """Any mode (grey, CMYK, 16-bit, palette, alpha) to 8-bit sRGB; transparency becomes
+    white; an embedded ICC profile applied; no metadata left (`info` is empty)."""
+    profile = image.info.get("icc_profile")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda value: value / 256).convert("L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
+        flat = "L" if image.mode == "LA" else "RGB"  # grey stays grey for a grey profile
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         background.alpha_composite(image.convert("RGBA"))
-        image = background
-    return image.convert("RGB")
+        image = background.convert(flat)
+    if profile and image.mode in _PROFILED_MODES:
+        image = _to_srgb(image, profile)
+    rgb = image.convert("RGB")
+    rgb.info = {}
+    return rgb
+
+
+def _to_srgb(image: Image.Image, profile: bytes) -> Image.Image:
+    """`image` converted from its embedded profile to sRGB; as it was if that cannot be."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        converted = ImageCms.profileToProfile(image, source, _SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):  # unreadable, or not for
+        return image  # these pixels (an RGB profile on CMYK): ignored, as browsers do
+    assert converted is not None  # nosec B101 - None only with inPlace=True
+    return converted
 
 
 def decode_inline_image(value: str, *, max_bytes: int, field: str = "image") -> bytes | None:
@@ -177,6 +212,9 @@ def png_bytes(image: Image.Image) -> bytes:
     zlib level 1: on a GPU an image takes ~0.2 s of compute, so encoding time counts more
     than a somewhat larger file (the encode runs while the GPU container is held).
     """
+    if image.info:  # PNG's encoder writes some of `info` (an ICC profile, transparency)
+        image = image.copy()
+        image.info = {}
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

@@ -109,6 +109,8 @@ def guarded_async_client(*, allow_private: bool, timeout_s: float) -> httpx.Asyn
 
     Callers follow redirects themselves, with `check_url` on every hop. Environment proxies
     and .netrc are ignored (`trust_env=False`): a proxy would make the address check moot.
+    Bodies are asked for uncompressed (`identity`): callers read them raw and bounded
+    (`inputs.fetch`), never through httpx's whole-chunk decoders.
     """
     transport = httpx.AsyncHTTPTransport()
     transport._pool = httpcore.AsyncConnectionPool(  # see `_pool_note`
@@ -116,7 +118,11 @@ def guarded_async_client(*, allow_private: bool, timeout_s: float) -> httpx.Asyn
         network_backend=_GuardedAsyncBackend(allow_private=allow_private),
     )
     return httpx.AsyncClient(
-        transport=transport, timeout=timeout_s, follow_redirects=False, trust_env=False
+        transport=transport,
+        timeout=timeout_s,
+        follow_redirects=False,
+        trust_env=False,
+        headers={"Accept-Encoding": "identity"},
     )
 
 

@@ -1,6 +1,5 @@
 """The store's contracts: what the lifecycle, the service and the senders may ask of it.
 
-`KeyStore` is still defined beside the key helpers (`keys.py`) and re-exported here.
 Every method is one statement or one transaction, so two processes (replicas, Modal
 containers) calling at once never see half of a change. The implementations are
 `store.jobs.SqlJobStore` and `store.keys.SqlKeyStore`; behaviour (which state may follow
@@ -22,9 +21,7 @@ from magicmix.jobs import (
     QueueLimits,
     WebhookState,
 )
-from magicmix.keys import KeyStore
-
-__all__ = ["JobStore", "KeyStore"]
+from magicmix.keys import KeyInfo, NewKey, Principal
 
 
 class JobStore(Protocol):
@@ -144,3 +141,16 @@ class JobStore(Protocol):
     def exclusive(self, name: str) -> AbstractContextManager[bool]:
         """Whether this process is now the one holder of `name`, across processes."""
         ...
+
+
+class KeyStore(Protocol):
+    """Issues, authenticates and revokes keys; keeps each key's encrypted S3 details."""
+
+    def create(self, *, admin: bool = False) -> NewKey: ...
+    def list(self) -> list[KeyInfo]: ...
+    def revoke(self, key_id: str) -> bool: ...
+    def authenticate(self, key: str) -> Principal: ...
+    def webhook_secret(self, key_id: str) -> str: ...
+    def get_s3(self, key_id: str) -> str | None: ...
+    def set_s3(self, key_id: str, blob: str) -> None: ...
+    def delete_s3(self, key_id: str) -> bool: ...

@@ -28,7 +28,6 @@ from magicmix.config import Settings
 from magicmix.families import ModelFamily, resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits
-from magicmix.keys import key_action
 from magicmix.lifecycle import Leases, Lifecycle
 from magicmix.logs import configure_logging
 from magicmix.outputs.store import OutputStore, open_store
@@ -240,8 +239,14 @@ async def run_sweep(parts: ModalParts, dispatch: ModalDispatcher) -> SweepReport
     return report
 
 
-def manage_keys(parts: ModalParts, action: str, *, key_id: str = "", admin: bool = False) -> str:
-    """`modal run modal_app.py::keys`: what `magicmix keys` prints, on the deployment's store.
+KeyCommand = Callable[..., str]
+"""`cli.keys.key_action`: a key command on a key store, and the lines it prints."""
+
+
+def manage_keys(
+    parts: ModalParts, command: KeyCommand, action: str, *, key_id: str = "", admin: bool = False
+) -> str:
+    """`modal run modal_app.py::keys`: `command` on the deployment's key store.
 
     Runs in a Modal function (it needs the service secret to hash keys and encrypt their
     webhook secrets); the new key travels back as the function's result, never in a log.
@@ -251,6 +256,6 @@ def manage_keys(parts: ModalParts, action: str, *, key_id: str = "", admin: bool
     from magicmix.errors import MagicMixError
 
     try:
-        return key_action(parts.stores.keys, action, key_id=key_id, admin=admin)
+        return command(parts.stores.keys, action, key_id=key_id, admin=admin)
     except MagicMixError as err:
         raise RuntimeError(err.message) from None

@@ -1,8 +1,9 @@
-"""GET routes: outputs of the service store, liveness, the playground."""
+"""GET routes: outputs of the service store, liveness, the playground, the API docs."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,8 @@ from magicmix.http.links import OUTPUTS
 from magicmix.http.schemas import ErrorOut
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# Swagger UI's files, from a pinned package that keeps them current (no CDN, no hand copy)
+SWAGGER_UI_DIR = Path(str(importlib.resources.files("fastapi_offline") / "static"))
 router = APIRouter()
 
 
@@ -45,3 +48,9 @@ async def playground() -> Response:
     if index.exists():
         return FileResponse(index)
     return JSONResponse({"status": "ok", "docs": "/docs"})
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs() -> FileResponse:
+    """Swagger UI over `/openapi.json`, every file served from here."""
+    return FileResponse(STATIC_DIR / "docs.html")

@@ -12,7 +12,7 @@ from magicmix.http.errors import ERROR_RESPONSES
 from magicmix.http.links import EDITING
 from magicmix.http.schemas import MagicMixIn
 from magicmix.replies import JobOut
-from magicmix.request import MAX_SEED
+from magicmix.request import MAX_SEED, Int
 
 router = APIRouter(prefix=EDITING, tags=["magic mix"])
 JOB_REPLY: dict[str, Any] = {
@@ -48,7 +48,7 @@ async def magic_mix(
 
 @router.post("/fetch/{job_id}", **JOB_REPLY)
 async def fetch(
-    call: AnyKey, job_id: Annotated[int, PathParam(ge=1, le=MAX_JOB_ID)], service: ServiceDep
+    call: AnyKey, job_id: Annotated[Int, PathParam(ge=1, le=MAX_JOB_ID)], service: ServiceDep
 ) -> JobOut:
     """The current state of a job made with this key."""
     return await service.fetch(job_id, call.principal)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from typing import Any
 
+from fastapi import APIRouter
+
+from magicmix.errors import NotSupported
 from magicmix.http.deps import AdminKey, AnyKey, ServiceDep
-from magicmix.http.errors import ERROR_RESPONSES
+from magicmix.http.errors import ERROR_RESPONSES, STATUS
 from magicmix.http.links import EDITING
+from magicmix.http.schemas import ErrorOut
 from magicmix.replies import MessageOut, SystemDetailsOut
 
 router = APIRouter(prefix=EDITING, tags=["system"], responses=ERROR_RESPONSES)
@@ -37,8 +40,13 @@ def restart_server(call: AdminKey, service: ServiceDep) -> MessageOut:
     return service.restart_server()
 
 
-@router.post("/update_server", response_model=MessageOut)
-@router.post("/update", response_model=MessageOut)
-def update_server(call: AdminKey, service: ServiceDep) -> JSONResponse:
-    """Explains that updating is done by redeploying (admin key)."""
-    return JSONResponse(service.update_server().model_dump(), status_code=501)
+NOT_SUPPORTED: dict[int | str, dict[str, Any]] = {
+    STATUS[NotSupported]: {"model": ErrorOut, "description": "not done through the API"}
+}
+
+
+@router.post("/update_server", response_model=MessageOut, responses=NOT_SUPPORTED)
+@router.post("/update", response_model=MessageOut, responses=NOT_SUPPORTED)
+def update_server(call: AdminKey, service: ServiceDep) -> MessageOut:
+    """Explains that updating is done by redeploying (admin key): always an error."""
+    return service.update_server()
