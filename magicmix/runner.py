@@ -2,8 +2,8 @@
 
 Shared by the local worker thread and Modal's GPU class: given an engine and claimed
 jobs, it decodes inputs, mixes each group of jobs that share a schedule in one engine
-call, stores each PNG (the key's own bucket when it has S3 details, else the service
-store) and ends each job through the lifecycle, as its claimant. A group that fails
+call, places each PNG where the output router says (`outputs.routing`) and ends each job
+through the lifecycle, as its claimant. A group that fails
 fails only its own jobs, and each group's jobs report their own generation time. A job
 never stays `processing` because of an error here. When the lifecycle refuses a finish
 (the job was cancelled, failed by the sweep, or its claim lapsed and passed to another
@@ -22,16 +22,12 @@ from typing import Protocol
 from PIL import Image
 
 from magicmix.config import Settings
-from magicmix.crypto import SecretBox
 from magicmix.errors import MagicMixError, StorageError
 from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.jobs import JobRecord, JobResult, PromptsRead
 from magicmix.lifecycle import Lifecycle
-from magicmix.outputs.store import OutputStore
-from magicmix.outputs.user_bucket import S3Details, UserBucket, check_s3_endpoint
-from magicmix.replies import Links
+from magicmix.outputs.routing import OutputRouter
 from magicmix.request import MixRequest
-from magicmix.store.base import KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +55,10 @@ class Engine(Protocol):
 class JobRunner:
     """Turns claimed jobs into ended ones; holds no engine of its own."""
 
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        lifecycle: Lifecycle,
-        outputs: OutputStore,
-        keys: KeyStore,
-        box: SecretBox,
-        links: Links,
-    ) -> None:
+    def __init__(self, *, settings: Settings, lifecycle: Lifecycle, outputs: OutputRouter) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
         self.outputs = outputs
-        self.keys = keys
-        self.box = box
-        self.links = links
 
     def run(self, engine: Engine, batch: list[JobRecord]) -> list[JobRecord]:
         """Mix `batch` (claimed, compatible jobs) in one engine call; returns the ended ones."""
@@ -138,49 +122,23 @@ class JobRunner:
     def _store(
         self, job: JobRecord, data: bytes, elapsed: float, prompts: PromptsRead
     ) -> JobRecord | None:
-        """User bucket first when the key has one; the service store otherwise or as fallback."""
-        name = job.output_name
-        note = None
-        blob = self.keys.get_s3(job.key_id)
-        if blob:
-            try:
-                details = S3Details.from_encrypted(self.box, blob)
-                check_s3_endpoint(details, self.settings)
-                bucket = UserBucket(details, allow_private=self.settings.allow_private_urls)
-                uploaded = bucket.upload(name, data)
-            except MagicMixError as err:
-                hours = f"{self.settings.retention_hours:g}"
-                note = (
-                    f"your S3 bucket refused the upload ({err.message}); the image was kept"
-                    f" in the service store instead and will be deleted after {hours} hours"
-                )
-                log.warning("job %s: user bucket upload failed, using the service store", job.id)
-            else:
-                result = JobResult(
-                    output=[uploaded.url],
-                    generation_time=elapsed,
-                    stored_in="user",
-                    object_names=[uploaded.key],
-                    note=uploaded.note,
-                    prompts=prompts,
-                )
-                return self._finish(job, result, undo=lambda: bucket.delete(uploaded.key))
+        """Place the PNG where the router says, then record the success."""
         try:
-            self.outputs.put(name, data)
+            placed = self.outputs.place(job.key_id, job.output_name, data)
         except StorageError as err:
             log.error("job %s: service store failed: %s", job.id, err.message)
             return self._fail(
                 job, f"the image was generated but could not be stored: {err.message}"
             )
         result = JobResult(
-            output=[self.links.output(name)],
+            output=[placed.url],
             generation_time=elapsed,
-            stored_in="service",
-            object_names=[name],
-            note=note,
+            stored_in=placed.stored_in,
+            object_names=[placed.key],
+            note=placed.note,
             prompts=prompts,
         )
-        return self._finish(job, result, undo=lambda: self.outputs.delete(name))
+        return self._finish(job, result, undo=placed.undo)
 
     def _finish(
         self, job: JobRecord, result: JobResult, *, undo: Callable[[], None]

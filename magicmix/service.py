@@ -18,12 +18,10 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from magicmix import __version__
 from magicmix.backends.base import Dispatcher
 from magicmix.config import Settings
-from magicmix.crypto import SecretBox
 from magicmix.errors import (
     Busy,
     Conflict,
@@ -31,7 +29,6 @@ from magicmix.errors import (
     InvalidInput,
     NotFound,
     NotSupported,
-    StorageError,
 )
 from magicmix.families import ModelFamily
 from magicmix.inputs.images import decode_image, png_bytes
@@ -40,8 +37,8 @@ from magicmix.inputs.sources import image_bytes_from_field
 from magicmix.jobs import Idempotency, IdempotencyClaim, JobRecord, params_from
 from magicmix.keys import Principal
 from magicmix.lifecycle import Lifecycle
-from magicmix.outputs.store import OutputStore
-from magicmix.outputs.user_bucket import S3Details, UserBucket, check_s3_endpoint
+from magicmix.outputs.routing import OutputRouter
+from magicmix.outputs.user_bucket import S3Details
 from magicmix.replies import (
     JobOut,
     Links,
@@ -67,9 +64,8 @@ class MagicMixService:
         settings: Settings,
         lifecycle: Lifecycle,
         keys: KeyStore,
-        outputs: OutputStore,
+        outputs: OutputRouter,
         dispatcher: Dispatcher,
-        box: SecretBox,
         links: Links,
         family: ModelFamily,
     ) -> None:
@@ -80,7 +76,6 @@ class MagicMixService:
         self.keys = keys
         self.outputs = outputs
         self.dispatcher = dispatcher
-        self.box = box
         self.links = links
         self._background_work: list[Callable[[], Awaitable[None]]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -244,7 +239,7 @@ class MagicMixService:
             return ended_reply(job, retention_hours=self.settings.retention_hours)
         ahead = max(self.jobs.queue_length() - 1, 0)
         eta = math.ceil((ahead // self.settings.batch_size + 1) * self._seconds_per_job)
-        future = [] if self.keys.get_s3(job.key_id) else [self.links.output(job.output_name)]
+        future = self.outputs.pending_links(job.key_id, job.output_name)
         return ProcessingOut(
             id=job.id,
             eta=eta,
@@ -271,18 +266,8 @@ class MagicMixService:
             queue_length=self.jobs.queue_length(),
             version=__version__,
             webhook_secret=principal.webhook_secret,
-            s3=self._masked_s3(principal.key_id),
+            s3=self.outputs.describe(principal.key_id),
         )
-
-    def _masked_s3(self, key_id: str) -> dict[str, Any] | None:
-        """The key's saved S3 details with secrets masked; None when there are none."""
-        blob = self.keys.get_s3(key_id)
-        if not blob:
-            return None
-        try:
-            return S3Details.from_encrypted(self.box, blob).masked()
-        except StorageError as err:  # saved under another MAGICMIX_SECRET_KEY
-            return {"error": err.message}
 
     async def clear_queue(self) -> MessageOut:
         """Cancel queued jobs in one statement: their waiters wake, their webhooks go. A
@@ -306,18 +291,12 @@ class MagicMixService:
         )
 
     async def update_s3(self, details: S3Details, principal: Principal) -> MessageOut:
-        """Prove the details work (write and delete a probe object), then store them."""
-        # the probe must not become a way to scan internal hosts: check where boto3 connects
-        await asyncio.to_thread(check_s3_endpoint, details, self.settings)
-        bucket = UserBucket(details, allow_private=self.settings.allow_private_urls)
-        await asyncio.to_thread(bucket.probe)
-        await asyncio.to_thread(self.keys.set_s3, principal.key_id, details.to_encrypted(self.box))
-        log.info("key %s saved S3 details for bucket %s", principal.key_id, details.bucket)
-        where = f"s3://{details.bucket}/{details.image_directory}".rstrip("/")
+        """Prove the details work (write and delete a probe object), then keep them."""
+        where = await asyncio.to_thread(self.outputs.save, principal.key_id, details)
         return MessageOut(message=f"S3 details saved; new images of this key go to {where}")
 
     def reset_s3(self, principal: Principal) -> MessageOut:
-        removed = self.keys.delete_s3(principal.key_id)
+        removed = self.outputs.forget(principal.key_id)
         return MessageOut(
             message="S3 details removed; new images go to the service store"
             f" and are deleted after {self.settings.retention_hours:g} hours"
@@ -328,7 +307,7 @@ class MagicMixService:
     # -- outputs and the sweep --------------------------------------------------------
 
     def output(self, name: str) -> bytes:
-        return self.outputs.get(name)
+        return self.outputs.service.get(name)
 
 
 def fingerprint(body: Submission) -> str:

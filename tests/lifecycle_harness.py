@@ -26,6 +26,7 @@ from magicmix.crypto import SecretBox
 from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits, TextRead
 from magicmix.lifecycle import Leases, Lifecycle
+from magicmix.outputs.routing import OutputRouter
 from magicmix.outputs.store import LocalStore
 from magicmix.request import MixRequest
 from magicmix.runner import JobRunner
@@ -198,14 +199,14 @@ def make_world(
     )
     outputs = files(tmp / "outputs")
     settings = Settings(data_dir=tmp, secret_key=SECRET.decode(), allow_private_urls=True)
-    runner = JobRunner(
+    router = OutputRouter(
         settings=settings,
-        lifecycle=lifecycle,
-        outputs=outputs,
-        keys=keys,
+        service=outputs,
+        details=keys,
         box=box,
-        links=HttpLinks("http://127.0.0.1:8000"),
+        service_url=HttpLinks("http://127.0.0.1:8000").output,
     )
+    runner = JobRunner(settings=settings, lifecycle=lifecycle, outputs=router)
     world = World(
         database, store, keys, lifecycle, outputs, runner, keys.authenticate(OPERATOR).key_id
     )

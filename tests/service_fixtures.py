@@ -128,7 +128,8 @@ def serve(settings: Settings) -> Iterator[RunningService]:
 
 def sweep_now(service: MagicMixService) -> SweepReport:
     """One sweep over a running service's stores, as its periodic sweep would run it."""
-    return asyncio.run(Sweeper(service.lifecycle, service.outputs, service.settings).run_once())
+    sweeper = Sweeper(service.lifecycle, service.outputs.service, service.settings)
+    return asyncio.run(sweeper.run_once())
 
 
 @pytest.fixture

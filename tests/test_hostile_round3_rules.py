@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from magicmix.config import Settings
+from magicmix.crypto import SecretBox
 from magicmix.engine import toy
 from magicmix.engine.configure import load_engine
 from magicmix.engine.toy import ToyModelError
@@ -211,7 +212,8 @@ def test_system_details_shows_no_piece_of_the_s3_secret(running: RunningService)
         aws_secret_access_key=SECRET,
         bucket="user-bucket",
     )
-    running.service.keys.set_s3(principal.key_id, details.to_encrypted(running.service.box))
+    box = SecretBox(running.settings.secret_key_bytes())
+    running.service.keys.set_s3(principal.key_id, details.to_encrypted(box))
     try:
         reply = running.post(f"{API}/image_editing/system_details", {"key": running.key}).json()
     finally:

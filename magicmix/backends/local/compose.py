@@ -15,6 +15,7 @@ from magicmix.http.links import HttpLinks
 from magicmix.jobs import QueueLimits
 from magicmix.lifecycle import Leases, Lifecycle
 from magicmix.logs import configure_logging
+from magicmix.outputs.routing import OutputRouter
 from magicmix.outputs.store import open_store
 from magicmix.runner import Engine, JobRunner
 from magicmix.service import MagicMixService
@@ -55,17 +56,12 @@ def build_local_service(settings: Settings) -> MagicMixService:
     configure_logging(settings.log_level)
     stores = open_stores(settings)
     lifecycle = Lifecycle(stores.jobs, queue_limits(settings), leases=leases(settings))
-    outputs = open_store(settings)
     family = resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
     links = HttpLinks(settings.public_url)
-    runner = JobRunner(
-        settings=settings,
-        lifecycle=lifecycle,
-        outputs=outputs,
-        keys=stores.keys,
-        box=stores.box,
-        links=links,
+    outputs = OutputRouter.open(
+        settings, details=stores.keys, box=stores.box, service_url=links.output
     )
+    runner = JobRunner(settings=settings, lifecycle=lifecycle, outputs=outputs)
     worker = LocalWorker(
         family=family.name,
         lifecycle=lifecycle,
@@ -84,10 +80,9 @@ def build_local_service(settings: Settings) -> MagicMixService:
         keys=stores.keys,
         outputs=outputs,
         dispatcher=worker,
-        box=stores.box,
         links=links,
         family=family,
     )
     service.add_background(delivery.run_forever)
-    service.add_background(Sweeper(lifecycle, outputs, settings).run_forever)
+    service.add_background(Sweeper(lifecycle, outputs.service, settings).run_forever)
     return service

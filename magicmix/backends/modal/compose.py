@@ -30,7 +30,7 @@ from magicmix.http.links import HttpLinks
 from magicmix.jobs import JobRecord, QueueLimits
 from magicmix.lifecycle import Leases, Lifecycle
 from magicmix.logs import configure_logging
-from magicmix.outputs.store import OutputStore, open_store
+from magicmix.outputs.routing import OutputRouter
 from magicmix.runner import JobRunner
 from magicmix.service import MagicMixService
 from magicmix.store.database import PoolSize
@@ -102,7 +102,7 @@ class ModalParts:
     settings: Settings
     stores: Stores
     lifecycle: Lifecycle
-    outputs: OutputStore
+    outputs: OutputRouter
     links: HttpLinks
     nudges: WebhookNudges
 
@@ -156,12 +156,15 @@ def modal_parts(
         notifier=nudges,
         leases=Leases(lease_s=settings.lease_s, max_attempts=settings.max_run_attempts),
     )
+    links = HttpLinks(settings.public_url)
     return ModalParts(
         settings=settings,
         stores=stores,
         lifecycle=lifecycle,
-        outputs=open_store(settings),
-        links=HttpLinks(settings.public_url),
+        outputs=OutputRouter.open(
+            settings, details=stores.keys, box=stores.box, service_url=links.output
+        ),
+        links=links,
         nudges=nudges,
     )
 
@@ -188,7 +191,6 @@ def web_service(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> MagicMixS
         keys=parts.stores.keys,
         outputs=parts.outputs,
         dispatcher=dispatcher(parts, gpu, gpu_name=gpu_name),
-        box=parts.stores.box,
         links=parts.links,
         family=parts.family,
     )
@@ -196,14 +198,7 @@ def web_service(parts: ModalParts, gpu: GpuCalls, *, gpu_name: str) -> MagicMixS
 
 def job_runner(parts: ModalParts) -> JobRunner:
     """The GPU class's runner: the same as the local worker's."""
-    return JobRunner(
-        settings=parts.settings,
-        lifecycle=parts.lifecycle,
-        outputs=parts.outputs,
-        keys=parts.stores.keys,
-        box=parts.stores.box,
-        links=parts.links,
-    )
+    return JobRunner(settings=parts.settings, lifecycle=parts.lifecycle, outputs=parts.outputs)
 
 
 def delivery(parts: ModalParts) -> WebhookDelivery:
@@ -230,7 +225,7 @@ async def run_sweep(parts: ModalParts, dispatch: ModalDispatcher) -> SweepReport
 
     sweeper = Sweeper(
         parts.lifecycle,
-        parts.outputs,
+        parts.outputs.service,
         parts.settings,
         steps=[("respawn", dispatch.respawn_lost), ("webhooks", webhooks)],
     )
