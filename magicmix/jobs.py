@@ -10,16 +10,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from PIL import Image
 from pydantic import BaseModel
 
 from magicmix.errors import Busy
 from magicmix.families import ModelFamily
-from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, Submission
+from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, Submission, batch_key
 
-_NO_IMAGE = Image.new("RGB", (1, 1))  # stands in where only the schedule matters
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
 
 
 class JobStatus(StrEnum):
@@ -51,13 +52,13 @@ class JobParams(MixParams):
     webhook: str | None = None
     track_id: str | int | None = None
 
-    def mix_request(self, image: Image.Image | None = None) -> MixRequest:
-        """The engine's view of this job (`image` may be left out to compare schedules)."""
-        return MixRequest(image=image or _NO_IMAGE, **self.model_dump(include=set(ENGINE_FIELDS)))
+    def mix_request(self, image: Image) -> MixRequest:
+        """The engine's view of this job, with its decoded layout."""
+        return MixRequest(image=image, **self.model_dump(include=set(ENGINE_FIELDS)))
 
     def batch_key(self) -> tuple[int, int, int, int, int]:
         """Jobs with equal keys share every timestep, so they can share UNet batches."""
-        return self.mix_request().batch_key()
+        return batch_key(self.width, self.height, self.steps, self.kmin, self.kmax)
 
     def batch_key_text(self) -> str:
         """`batch_key` as stores keep it, so a batch claim can match it in SQL."""

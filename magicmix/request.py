@@ -230,7 +230,15 @@ class MixRequest:
 
     def batch_key(self) -> tuple[int, int, int, int, int]:
         """Requests with equal keys share every timestep and can share one UNet batch."""
-        return (self.width, self.height, self.steps, self.run_steps, self.layout_steps)
+        return batch_key(self.width, self.height, self.steps, self.kmin, self.kmax)
+
+
+def batch_key(
+    width: int, height: int, steps: int, kmin: float, kmax: float
+) -> tuple[int, int, int, int, int]:
+    """(size, steps, run steps, layout steps): what jobs must share to share UNet batches."""
+    run_steps = int(kmax * steps)
+    return (width, height, steps, run_steps, run_steps - int(kmin * steps))
 
 
 ENGINE_FIELDS = frozenset(MixRequest.__dataclass_fields__) - {"image"}
