@@ -41,11 +41,14 @@ lint: install
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/lock.py --check
 
+# The suite starts a real PostgreSQL of its own (never skipped): say how to install one first.
 test: install lint
+	$(BIN)/python -m magicmix.store.testing
 	scripts/install-browser.sh
 	$(BIN)/python -m pytest
 
 test-slow: install
+	$(BIN)/python -m magicmix.store.testing
 	$(BIN)/python -m pytest -m slow
 
 # After changing dependencies: pin the Modal images to what is installed (and tested).

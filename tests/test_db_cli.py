@@ -67,3 +67,18 @@ def test_keys_for_a_shared_database_need_the_deployments_secret(
     assert not (tmp_path / "secret.key").exists()
     made = run_cli(monkeypatch, {**env, "MAGICMIX_SECRET_KEY": SECRET}, "keys", "create")
     assert made.exit_code == 0 and made.output.startswith("mm_")
+
+
+def test_without_postgresql_make_test_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make test` runs this check first: a missing server is an error with the fix, never
+    a skipped half of the suite."""
+    import magicmix.store.testing as testing
+
+    monkeypatch.setattr(testing, "DEBIAN_ROOT", tmp_path)
+    monkeypatch.setattr(testing.shutil, "which", lambda name: None)
+    monkeypatch.delenv("MAGICMIX_PG_BINDIR", raising=False)
+    assert testing.main() == 1
+    said = capsys.readouterr().err
+    assert "apt-get install -y postgresql" in said and "MAGICMIX_PG_BINDIR" in said

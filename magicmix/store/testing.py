@@ -34,6 +34,9 @@ INSTALL_HINT = (
 )
 
 
+DEBIAN_ROOT = Path("/usr/lib/postgresql")  # Debian's and Ubuntu's packages install here
+
+
 class PostgresMissing(RuntimeError):
     """No PostgreSQL server binaries on this machine (the message says how to install)."""
 
@@ -48,7 +51,7 @@ def find_bindir() -> Path:
             [pg_config, "--bindir"], capture_output=True, text=True, check=False
         )
         candidates.append(Path(found.stdout.strip()))
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    candidates += sorted(DEBIAN_ROOT.glob("*/bin"), reverse=True)
     if found_initdb := shutil.which("initdb"):
         candidates.append(Path(found_initdb).parent)
     for bindir in candidates:
@@ -154,3 +157,20 @@ def add_latency(target: Engine | type[Engine], seconds: float) -> None:
         time.sleep(seconds)
 
     event.listen(target, "before_cursor_execute", wait)
+
+
+def main() -> int:
+    """`python -m magicmix.store.testing`: say where the PostgreSQL server binaries are, or
+    how to install them (`make test` runs this first: the suite needs a real server)."""
+    import sys
+
+    try:
+        print(f"PostgreSQL server binaries: {find_bindir()}")
+    except PostgresMissing as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
