@@ -11,6 +11,11 @@
 4. The metadata payload (`icc`): a 64x64 JPEG carrying a 5 MB ICC profile: the size of
    the layout PNG the job keeps (`decode_image` then `png_bytes` of `--repo`, in a
    subprocess), and what the server answers to it.
+5. Webhook receivers that stall every tenant (`stall`): 64 jobs of one key whose receiver
+   holds each attempt open for a minute, or answers 503 with `Retry-After: ²` (a digit
+   `str.isdigit` accepts and `float` refuses); then one job of another key with a healthy
+   receiver: how long after its submission its webhook arrives, next to the same job
+   with no other webhooks about (the tiny model, so the jobs themselves take little).
 
 The server is `magicmix serve` in a subprocess on loopback, run from `--repo` (default:
 this checkout), so the same script measures an older commit checked out elsewhere.
@@ -307,12 +312,80 @@ def icc_attack(repo: Path) -> dict[str, Any]:
     }
 
 
+def stall_attack(repo: Path, jobs: int = 64) -> dict[str, Any]:
+    """Seconds from a healthy key's submission to its webhook's arrival, alone and behind
+    `jobs` webhooks of another key whose receiver stalls or poisons every attempt."""
+    arrived: dict[str, float] = {}
+    hold = threading.Event()
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path == "/stall":
+                hold.wait(60)  # holds the attempt open past the sender's timeout
+            if self.path == "/poison":
+                self.send_response(503)
+                self.send_header("Retry-After", "\u00b2")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            arrived.setdefault(self.path, time.perf_counter())
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet."""
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    httpd.daemon_threads, httpd.request_queue_size = True, 256
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    hooks = f"http://127.0.0.1:{httpd.server_address[1]}"
+    other = "attack-bench-other-key"
+    layout = "data:image/png;base64," + base64.b64encode(flat_png_bytes()).decode()
+    body = {"prompt": "x", "image": layout, "width": 256, "height": 256, "steps": 2}
+    result: dict[str, Any] = {"jobs": jobs}
+    try:
+        for case in ("alone", "stall", "poison"):
+            env = {"MAGICMIX_API_KEYS": f"{KEY},{other}", "MAGICMIX_MODEL": "tiny"}
+            with (
+                running_server(repo, MAGICMIX_ALLOW_PRIVATE_URLS="true", **env) as (base, pid),
+                httpx.Client(timeout=60) as client,
+            ):
+                settle(pid)
+                if case != "alone":
+                    for seed in range(jobs):
+                        hook = f"{hooks}/{case}"
+                        job = {**body, "key": KEY, "seed": seed, "webhook": hook}
+                        client.post(base + MIX, json=job).raise_for_status()
+                    time.sleep(5)  # their attempts are under way
+                path = f"/ok-{case}"
+                started = time.perf_counter()
+                job = {**body, "key": other, "seed": 999, "webhook": hooks + path}
+                client.post(base + MIX, json=job).raise_for_status()
+                deadline = started + 60
+                while path not in arrived and time.perf_counter() < deadline:
+                    time.sleep(0.05)
+                result[case] = round(arrived[path] - started, 2) if path in arrived else None
+    finally:
+        hold.set()
+        httpd.shutdown()
+    return result
+
+
+def flat_png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 160, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--label", default="this checkout")
     parser.add_argument(
-        "--only", default="parse,decode,large,bomb,icc", help="comma-separated attacks to run"
+        "--only", default="parse,decode,large,bomb,icc,stall", help="comma-separated attacks"
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -330,6 +403,8 @@ def main() -> None:
         result["compressed_bomb"] = bomb_attack(args.repo)
     if "icc" in only:
         result["icc_profile"] = icc_attack(args.repo)
+    if "stall" in only:
+        result["webhook_stall_s"] = stall_attack(args.repo)
     print(json.dumps(result, indent=2))
 
 

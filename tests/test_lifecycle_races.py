@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +27,7 @@ from magicmix.config import Settings
 from magicmix.jobs import Idempotency, JobRecord, JobStatus
 from magicmix.lifecycle import Leases
 from magicmix.outputs.store import LocalStore
+from magicmix.store.database import open_database
 from magicmix.sweep import Sweeper
 from magicmix.webhooks import WebhookDelivery, WebhookSender
 from tests.http_fixtures import LoopbackServer, respond
@@ -298,3 +302,32 @@ def test_writers_in_separate_processes(database_url: str, tmp_path: Path) -> Non
         assert stored is not None and stored.status.is_terminal
         assert len(world.outputs_of(job.id)) == (stored.status is JobStatus.SUCCESS)
     assert owed_webhooks(world) == sorted(ids)
+
+
+def _hold_the_sweep(url: str, ready: Any) -> None:
+    """A process that takes the sweep's lock and dies holding it (killed by the test)."""
+    database = open_database(url)
+    with database.exclusive("sweep") as held:
+        ready.put(held)
+        time.sleep(600)
+
+
+def test_a_sweep_killed_mid_pass_leaves_the_lock_to_the_next(database_url: str) -> None:
+    """kill -9 while sweeping: the server (PostgreSQL) or the kernel (SQLite's file lock)
+    lets the lock go with the process, so another replica's next sweep runs."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    sweeper = context.Process(target=_hold_the_sweep, args=(database_url, ready))
+    sweeper.start()
+    try:
+        assert ready.get(timeout=60) is True
+        database = open_database(database_url)
+        with database.exclusive("sweep") as held:
+            assert not held  # one sweep at a time
+        os.kill(sweeper.pid or 0, signal.SIGKILL)
+        sweeper.join(30)
+        with database.exclusive("sweep") as held:
+            assert held
+    finally:
+        if sweeper.is_alive():
+            sweeper.kill()
