@@ -282,6 +282,7 @@ class WebhookDelivery:
         made = self.attempts
         try:
             while True:
+                self._reap()
                 if self._fatal is not None:
                     raise self._fatal
                 started = await self._start_due()
@@ -295,6 +296,7 @@ class WebhookDelivery:
                 await self._pause(timeout)
             if self._flying:
                 await asyncio.wait(set(self._flying))
+            self._reap()
             if self._fatal is not None:
                 raise self._fatal
         except asyncio.CancelledError:  # the server stops: leases of attempts cut short lapse
@@ -326,6 +328,7 @@ class WebhookDelivery:
 
     async def _start_due(self) -> int:
         """Lease what is due (up to the free slots) and start an attempt for each."""
+        self._reap()
         free = self._concurrency - len(self._flying)
         if free <= 0:
             return 0
@@ -343,16 +346,17 @@ class WebhookDelivery:
             log.exception("could not take due webhooks")
             return 0
         for job in due:
-            task = asyncio.ensure_future(self._sender.send(job))
-            self._flying[task] = job.key_id
-            task.add_done_callback(self._landed)
+            self._flying[asyncio.ensure_future(self._sender.send(job))] = job.key_id
         return len(due)
 
-    def _landed(self, task: asyncio.Task[WebhookState | None]) -> None:
-        self._flying.pop(task, None)
-        self.attempts += 1
-        error = None if task.cancelled() else task.exception()
-        if isinstance(error, Exception):  # `send` records its own failures: a bug if here
-            log.error("webhook attempt failed: %r", error)
-        elif error is not None:
-            self._fatal = error
+    def _reap(self) -> None:
+        """Count the attempts that landed and free their slots, before any decision is
+        taken on what is in flight (a done task's callbacks may not have run yet)."""
+        for task in [task for task in self._flying if task.done()]:
+            del self._flying[task]
+            self.attempts += 1
+            error = None if task.cancelled() else task.exception()
+            if isinstance(error, Exception):  # `send` records its own failures: a bug if here
+                log.error("webhook attempt failed: %r", error)
+            elif error is not None:
+                self._fatal = error
