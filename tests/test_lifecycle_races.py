@@ -4,7 +4,8 @@ Each round starts the writers together (a barrier) with Python's thread switch i
 at a microsecond and a random pause before every statement, so they interleave between
 statements. After each test: one ended state per job (the notifier fired once), one
 webhook owed, at most one output, and an output only for a success. Writers in separate
-processes race on both dialects too. Counts: `ROUNDS` rounds per pair and dialect.
+processes race on both dialects too. Counts: `rounds` per pair and dialect: 10 in the
+default suite, 100 in `make test-slow`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ from tests.http_fixtures import LoopbackServer, respond
 from tests.lifecycle_harness import World, make_world
 from tests.test_jobs import params
 
-ROUNDS = 25
+
+@pytest.fixture(params=[10, pytest.param(100, marks=pytest.mark.slow)], ids=["10", "100"])
+def rounds(request: pytest.FixtureRequest) -> int:
+    """How many times each race runs: a slice by default, the long rounds when slow."""
+    return int(request.param)
+
+
 LAPSED = Leases(lease_s=-1.0)  # every claim has already lapsed: the sweep may take any
 
 
@@ -111,10 +118,10 @@ def claim_one(world: World, job_id: int, claimant: str) -> JobRecord | None:
     return claimed[0] if claimed else None
 
 
-def test_cancel_vs_claim_and_run(database_url: str, tmp_path: Path) -> None:
+def test_cancel_vs_claim_and_run(database_url: str, tmp_path: Path, rounds: int) -> None:
     world = world_for(database_url, tmp_path)
     jobs = []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         job = world.create()
         jobs.append(job)
 
@@ -130,10 +137,10 @@ def test_cancel_vs_claim_and_run(database_url: str, tmp_path: Path) -> None:
     assert not set(cancelled) & set(world.engine.ran), "a cancel that won never lets a run start"
 
 
-def test_clear_queue_vs_a_worker_claiming(database_url: str, tmp_path: Path) -> None:
+def test_clear_queue_vs_a_worker_claiming(database_url: str, tmp_path: Path, rounds: int) -> None:
     world = world_for(database_url, tmp_path)
     jobs = []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         batch = [world.create() for _ in range(3)]
         jobs += batch
 
@@ -145,9 +152,11 @@ def test_clear_queue_vs_a_worker_claiming(database_url: str, tmp_path: Path) -> 
     assert set(tally) <= {JobStatus.CANCELLED, JobStatus.SUCCESS}
 
 
-def test_two_replicas_claim_batches_from_one_queue(database_url: str, tmp_path: Path) -> None:
+def test_two_replicas_claim_batches_from_one_queue(
+    database_url: str, tmp_path: Path, rounds: int
+) -> None:
     world = world_for(database_url, tmp_path)
-    jobs = [world.create() for _ in range(ROUNDS * 4)]
+    jobs = [world.create() for _ in range(rounds * 4)]
     taken: dict[str, list[int]] = {"a": [], "b": []}
 
     def replica(name: str) -> None:
@@ -160,10 +169,10 @@ def test_two_replicas_claim_batches_from_one_queue(database_url: str, tmp_path: 
     assert check(world, jobs) == {JobStatus.SUCCESS: len(jobs)}
 
 
-def test_two_gpu_inputs_claim_one_job(database_url: str, tmp_path: Path) -> None:
+def test_two_gpu_inputs_claim_one_job(database_url: str, tmp_path: Path, rounds: int) -> None:
     world = world_for(database_url, tmp_path)
     jobs, runs = [], []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         job = world.create()
         jobs.append(job)
 
@@ -175,25 +184,25 @@ def test_two_gpu_inputs_claim_one_job(database_url: str, tmp_path: Path) -> None
             return 1
 
         runs.append(sum(race(lambda: container("a"), lambda: container("b"))))  # type: ignore[arg-type]
-    assert runs == [1] * ROUNDS, "exactly one container ran each job"
-    assert check(world, jobs) == {JobStatus.SUCCESS: ROUNDS}
+    assert runs == [1] * rounds, "exactly one container ran each job"
+    assert check(world, jobs) == {JobStatus.SUCCESS: rounds}
 
 
-def test_finish_vs_lease_expiry(database_url: str, tmp_path: Path) -> None:
+def test_finish_vs_lease_expiry(database_url: str, tmp_path: Path, rounds: int) -> None:
     world = world_for(database_url, tmp_path, leases=LAPSED)
     jobs = []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         claimed = claim_one(world, world.create().id, "gpu")
         assert claimed is not None
         jobs.append(claimed)
         race(lambda claimed=claimed: world.run([claimed]), world.lifecycle.release_lapsed)
-    assert check(world, jobs) == {JobStatus.SUCCESS: ROUNDS}  # requeued ones ran again
+    assert check(world, jobs) == {JobStatus.SUCCESS: rounds}  # requeued ones ran again
 
 
-def test_submit_vs_clear_queue(database_url: str, tmp_path: Path) -> None:
+def test_submit_vs_clear_queue(database_url: str, tmp_path: Path, rounds: int) -> None:
     world = world_for(database_url, tmp_path)
     made: list[JobRecord] = []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         created, _ = race(world.create, world.lifecycle.cancel_queued)
         assert isinstance(created, JobRecord)
         made.append(created)
@@ -201,9 +210,11 @@ def test_submit_vs_clear_queue(database_url: str, tmp_path: Path) -> None:
     assert set(tally) <= {JobStatus.CANCELLED, JobStatus.SUCCESS}
 
 
-def test_two_resends_of_one_idempotency_key_make_one_job(database_url: str, tmp_path: Path) -> None:
+def test_two_resends_of_one_idempotency_key_make_one_job(
+    database_url: str, tmp_path: Path, rounds: int
+) -> None:
     world = world_for(database_url, tmp_path)
-    for round_ in range(ROUNDS):
+    for round_ in range(rounds):
         key = Idempotency(f"client-key-{round_}", "fingerprint")
 
         def resend(key: Idempotency = key) -> int | None:
@@ -218,12 +229,14 @@ def test_two_resends_of_one_idempotency_key_make_one_job(database_url: str, tmp_
         assert not again.owned and again.job_id == made[0]
 
 
-def test_two_senders_make_one_attempt_per_webhook(database_url: str, tmp_path: Path) -> None:
+def test_two_senders_make_one_attempt_per_webhook(
+    database_url: str, tmp_path: Path, rounds: int
+) -> None:
     world = world_for(database_url, tmp_path)
     settings = Settings(allow_private_urls=True, webhook_schedule=(0.0, 3600.0))
     with LoopbackServer() as receiver:
         receiver.route("/hook", respond(200))
-        jobs = [world.create(webhook=receiver.url("/hook")) for _ in range(ROUNDS)]
+        jobs = [world.create(webhook=receiver.url("/hook")) for _ in range(rounds)]
         for job in jobs:
             world.lifecycle.fail(job.id, "failed on purpose")
 
@@ -234,7 +247,7 @@ def test_two_senders_make_one_attempt_per_webhook(database_url: str, tmp_path: P
             return asyncio.run(delivery.run(until=0))
 
         attempts = race(sender, sender)
-        assert sum(attempts) == ROUNDS  # type: ignore[arg-type]
+        assert sum(attempts) == rounds  # type: ignore[arg-type]
         posted = sorted(r.headers["webhook-id"] for r in receiver.requests)
         assert posted == sorted(f"magicmix-job-{job.id}" for job in jobs), "one POST each"
     for job in jobs:
