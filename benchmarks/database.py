@@ -82,8 +82,11 @@ def counting(database: Database) -> Iterator[Wire]:
         wire.checkouts += 1
 
     engine = database.engine
-    hooks = [(engine, "before_cursor_execute", statement), (engine, "begin", transaction)]
-    hooks.append((engine.pool, "checkout", checkout))
+    hooks: list[tuple[Any, str, Callable[..., None]]] = [
+        (engine, "before_cursor_execute", statement),
+        (engine, "begin", transaction),
+        (engine.pool, "checkout", checkout),
+    ]
     for target, name, fn in hooks:
         event.listen(target, name, fn)
     try:
@@ -196,15 +199,17 @@ def _front_door(url: str, threads: int, per_thread: int, offset: int, results: A
     results.put(outcomes)
 
 
-def _worker(url: str, name: str, results: Any) -> None:
+def _worker(url: str, name: str, results: Any, ready: Any) -> None:
     """One replica's worker: claims batches of 8 and runs them through the real runner."""
     from tests.lifecycle_harness import make_world
 
     world = make_world(url, Path(tempfile.mkdtemp()))
+    ready.wait()  # every worker has imported and connected: drain time is the store's
+    started = time.time()
     ended = 0
     while batch := world.lifecycle.claim_next(8, name):
         ended += len(world.run(batch))
-    results.put((name, ended, [job.id for job in world.ended]))
+    results.put((name, ended, [job.id for job in world.ended], started, time.time()))
 
 
 MAX_QUEUE = 600
@@ -254,7 +259,7 @@ def burst(server: TempPostgres, replicas: int, submissions: int) -> dict[str, An
         "jobs_per_s": round(accepted / drain_s, 1),
         "ended_once": len(ended_ids) == len(set(ended_ids)) == accepted,
         "left_active": len(statuses),
-        "per_worker": {name: count for name, count, _ in ran},
+        "per_worker": {name: count for name, count, *_ in ran},
     }
 
 
