@@ -50,7 +50,6 @@ import logging
 import math
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,9 +60,12 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from rehearsal import fake_modal, wire
+from packaging.requirements import Requirement
+
+from rehearsal import fake_modal, images, wire
 from rehearsal.dicts import Dicts
-from rehearsal.fake_modal import exception
+from rehearsal.fake_modal import ENV_CONTAINER, FunctionSpec, exception
+from rehearsal.snapshots import Snapshot
 from rehearsal.state import Batch, Container, Input, Options, Peer, Service
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class ControlPlane:
         self._containers: dict[str, Container] = {}
         self.dicts = Dicts()
         self._ids = itertools.count(1)
+        self._refused: dict[int, str] = {}  # imports refused in containers, by image
         self._gpu_batches = 0
         self._stopping = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -153,6 +156,9 @@ class ControlPlane:
             except subprocess.TimeoutExpired:
                 container.proc.kill()
                 container.proc.wait()
+        for service in self._services.values():
+            if service.snapshot is not None:
+                service.snapshot.stop(grace_s)
         self._listener.close()
 
     def _spawn_thread(self, target: Any, name: str) -> None:
@@ -480,7 +486,7 @@ class ControlPlane:
     @staticmethod
     def _kill(container: Container) -> None:
         if container.proc is not None and container.proc.poll() is None:
-            os.kill(container.proc.pid, signal.SIGKILL)
+            container.proc.kill()
 
     # -- scaling -----------------------------------------------------------------------
 
@@ -522,31 +528,64 @@ class ControlPlane:
     def _start(self, service: Service) -> Container:
         spec = service.spec
         container = Container(f"ct-{spec.tag}-{next(self._ids)}", spec.tag, spec.gpu is not None)
-        env = dict(os.environ)
-        env.update({k: v for k, v in spec.env.items() if v is not None})
-        for key in [k for k, v in spec.env.items() if v is None]:
-            env.pop(key, None)
-        env.update(
-            {
-                fake_modal.ENV_CONTAINER: container.id,
-                fake_modal.ENV_STATE_DIR: str(self.options.state_dir),
-                wire.ENV_ADDRESS: self.address,
-                wire.ENV_AUTHKEY: self.authkey_hex,
-                wire.ENV_LATENCY_MS: str(self.options.latency_ms),
-            }
-        )
-        if self.options.web_url:
-            env[fake_modal.ENV_WEB_URL] = self.options.web_url
+        env = self._container_env(spec)
         self._containers[container.id] = container
         service.containers[container.id] = container
         command = [sys.executable, "-m", "rehearsal.container", self.options.app_module, spec.tag]
-        container.proc = subprocess.Popen(command, env=env)
+        if spec.enable_memory_snapshot:
+            if service.snapshot is None or not service.snapshot.alive:
+                service.snapshot = Snapshot(
+                    [*command, "--snapshot"], env, lambda why: self._snapshot_failed(service, why)
+                )
+            container.proc = service.snapshot.fork(container.id)
+        else:
+            container.proc = subprocess.Popen(command, env={**env, ENV_CONTAINER: container.id})
         self.counters["containers_started"] += 1
         stats = self.per_function[spec.tag]
         stats["containers_started"] += 1
         stats["peak_containers"] = max(stats["peak_containers"], len(service.alive))
         self._spawn_thread(lambda: self._watch(container), f"watch-{container.id}")
         return container
+
+    def _container_env(self, spec: FunctionSpec) -> dict[str, str]:
+        """A container's environment: the rehearsal's, the function's own, the wire's, and
+        the imports its image does not install."""
+        env = dict(os.environ)
+        env.update({k: v for k, v in spec.env.items() if v is not None})
+        for key in [k for k, v in spec.env.items() if v is None]:
+            env.pop(key, None)
+        env.update(
+            {
+                fake_modal.ENV_STATE_DIR: str(self.options.state_dir),
+                wire.ENV_ADDRESS: self.address,
+                wire.ENV_AUTHKEY: self.authkey_hex,
+                wire.ENV_LATENCY_MS: str(self.options.latency_ms),
+                images.ENV_REFUSED: self._refused_imports(spec.image),
+            }
+        )
+        if self.options.web_url:
+            env[fake_modal.ENV_WEB_URL] = self.options.web_url
+        return env
+
+    def _refused_imports(self, image: fake_modal.Image) -> str:
+        key = id(image)
+        if key not in self._refused:
+            names: list[str] = []
+            if image.declares_packages:
+                installs = images.with_dependencies(Requirement(r) for r in image.requirements)
+                exempt = {self.options.app_module.partition(".")[0], "rehearsal", "modal"}
+                names = images.refused_names(installs, image.local_sources, exempt)
+            self._refused[key] = ",".join(names)
+        return self._refused[key]
+
+    def _snapshot_failed(self, service: Service, reason: str) -> None:
+        """The snapshot could not be taken: every container waiting on it failed to start."""
+        with self._lock:
+            for container in service.containers.values():
+                if not container.ready:
+                    container.failure = reason
+            self.failures.setdefault(service.spec.tag, []).append(reason)
+        log.error("the memory snapshot of %s failed: %s", service.spec.tag, reason)
 
     def _watch(self, container: Container) -> None:
         assert container.proc is not None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from rehearsal.fake_modal import exception
+from rehearsal.fake_modal import _common, exception
 from rehearsal.fake_modal._common import ENV_CONTAINER, ENV_STATE_DIR, ENV_WEB_URL, dumps, loads
 from rehearsal.fake_modal.functions import (
     App,
@@ -66,8 +66,10 @@ __all__ = [
 ]
 
 
-def install() -> None:
-    """Make `import modal` (and `modal.exception`) give this package in this process."""
+def install(*, plane: bool = False) -> None:
+    """Make `import modal` (and `modal.exception`) give this package in this process;
+    `plane`: this is the control plane, in no image's container."""
+    _common._ROLE["plane"] = plane
     sys.modules["modal"] = sys.modules[__name__]
     sys.modules["modal.exception"] = exception
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from rehearsal import wire
 from rehearsal.fake_modal import exception
-from rehearsal.fake_modal._common import ENV_STATE_DIR, api, dumps, loads
+from rehearsal.fake_modal._common import ENV_STATE_DIR, api, dumps, in_control_plane, loads
+from rehearsal.images import nothing_new, read_requirements
 
 MIN_INPUT_RETRY_DELAY_MS = 1000  # modal/retries.py
 _NO_DEFAULT = object()
@@ -119,40 +120,54 @@ def _retries(value: int | Retries | None) -> Retries | None:
 
 
 class Image:
-    """`modal.Image`: every builder method is a no-op returning the image.
+    """`modal.Image`: what it installs is recorded, nothing is built.
 
-    The rehearsal runs in this machine's environment, so nothing is built or installed,
-    and `.env(...)` is not applied either: containers inherit the rehearsal's environment,
-    which is the deploying machine's, so deploy-time knobs read from it agree.
+    The rehearsal runs on this machine's environment, so nothing is built or installed;
+    the packages an image declares (`pip_install`, `pip_install_from_requirements`,
+    `uv_pip_install`) and its local source (`add_local_python_source`) only limit what a
+    container of it may import (`rehearsal/images.py`). Builders the rehearsal cannot
+    read (commands, a pyproject, a registry base) make the image "this machine's
+    environment". `.env(...)` is not applied: containers inherit the rehearsal's
+    environment, which is the deploying machine's, so deploy-time knobs read from it
+    agree. As in Modal, each builder returns a new image.
+
     `imports()` runs its block; an exception inside is recorded, not raised, and raised
-    later only in a container of this very image (modal/_image.py, `imports`).
+    later only in a container of this very image (modal/_image.py, `imports`). In the
+    control plane, which is in no image's container, every import inside the block that
+    is not loaded yet fails, as it would in a container without the package.
     """
 
-    _BUILDERS = (
-        "add_local_dir",
-        "add_local_file",
-        "add_local_python_source",
-        "apt_install",
+    _NO_OPS = ("add_local_dir", "add_local_file", "apt_install", "entrypoint", "env", "workdir")
+    _UNREADABLE = (
         "dockerfile_commands",
-        "entrypoint",
-        "env",
-        "pip_install",
         "pip_install_from_pyproject",
-        "pip_install_from_requirements",
         "run_commands",
         "run_function",
-        "uv_pip_install",
         "uv_sync",
-        "workdir",
     )
 
-    def __init__(self, origin: str) -> None:
+    def __init__(
+        self,
+        origin: str,
+        *,
+        readable: bool = False,
+        requirements: tuple[str, ...] = (),
+        local_sources: tuple[str, ...] = (),
+    ) -> None:
         self.origin = origin
+        self.readable = readable  # every step so far says what it installs
+        self.requirements = requirements
+        self.local_sources = local_sources
         self.inside_exceptions: list[BaseException] = []
+
+    @property
+    def declares_packages(self) -> bool:
+        """Whether a container of it may import only what it installs."""
+        return self.readable and bool(self.requirements)
 
     @classmethod
     def debian_slim(cls, python_version: str | None = None, force_build: bool = False) -> Image:
-        return cls("debian_slim")
+        return cls("debian_slim", readable=True)
 
     @classmethod
     def from_registry(cls, tag: str, **_: Any) -> Image:
@@ -162,15 +177,51 @@ class Image:
     def micromamba(cls, python_version: str | None = None, force_build: bool = False) -> Image:
         return cls("micromamba")
 
+    def _then(
+        self,
+        *,
+        readable: bool = True,
+        requirements: list[str] | tuple[str, ...] = (),
+        local: tuple[str, ...] = (),
+    ) -> Image:
+        return Image(
+            self.origin,
+            readable=self.readable and readable,
+            requirements=(*self.requirements, *requirements),
+            local_sources=(*self.local_sources, *local),
+        )
+
+    def pip_install(self, *packages: str | list[str], **_: Any) -> Image:
+        return self._then(requirements=_flatten(packages))
+
+    def uv_pip_install(
+        self, *packages: str | list[str], requirements: list[str] | None = None, **_: Any
+    ) -> Image:
+        image = self._then(requirements=_flatten(packages))
+        for path in requirements or []:
+            image = image.pip_install_from_requirements(path)
+        return image
+
+    def pip_install_from_requirements(self, requirements_txt: str, **_: Any) -> Image:
+        found = read_requirements(Path(requirements_txt))
+        return self._then(requirements=[str(req) for req in found])
+
+    def add_local_python_source(self, *modules: str, **_: Any) -> Image:
+        return self._then(local=modules)
+
     def __getattr__(self, name: str) -> Callable[..., Image]:
-        if name not in self._BUILDERS:
-            raise AttributeError(f"'Image' object has no attribute {name!r}")
-        return lambda *args, **kwargs: self
+        if name in self._NO_OPS:
+            return lambda *args, **kwargs: self._then()
+        if name in self._UNREADABLE:
+            return lambda *args, **kwargs: self._then(readable=False)
+        raise AttributeError(f"'Image' object has no attribute {name!r}")
 
     @contextlib.contextmanager
     def imports(self) -> Iterator[None]:
+        hidden = nothing_new() if in_control_plane() else contextlib.nullcontext()
         try:
-            yield
+            with hidden:
+                yield
         except Exception as exc:
             self.inside_exceptions.append(exc)
             if not isinstance(exc, ImportError):
@@ -178,6 +229,10 @@ class Image:
                     f"Warning: caught a non-ImportError exception in an `imports()` block: {exc!r}",
                     stacklevel=3,
                 )
+
+
+def _flatten(packages: tuple[str | list[str], ...]) -> list[str]:
+    return [p for item in packages for p in ([item] if isinstance(item, str) else item)]
 
 
 @dataclasses.dataclass(frozen=True)
