@@ -224,6 +224,30 @@ def test_enter_snap_true_runs_before_snap_false_and_secrets_come_from_the_enviro
     until(lambda: marks(sample_env, "exited-"))  # @modal.exit, when it scaled down
 
 
+def test_containers_of_a_snapshotted_function_are_forks_of_one_snapshot(sample: Rehearsal) -> None:
+    first = fn("Restored", "run").spawn(2.0)
+    sample.control.wait_input(first.object_id, "running")  # busy: the next needs a container
+    second = fn("Restored", "run").spawn(0.0)
+    (snap_a, pid_a), (snap_b, pid_b) = [call.get(timeout=60) for call in (first, second)]
+    assert snap_a == snap_b and pid_a != pid_b and snap_a not in (pid_a, pid_b)
+
+
+def test_a_container_imports_only_what_its_image_installs(sample: Rehearsal) -> None:
+    seen = fn("only_boto3").remote()
+    assert seen["boto3"] == "boto3"
+    assert seen["numpy"] == "No module named 'numpy'" and seen["numpy_spec"]
+
+
+def test_the_control_plane_never_loads_an_images_imports() -> None:
+    """modal_app.py imports torch inside `gpu_image.imports()`: not in the control plane."""
+    probe = "import sys; from rehearsal import fake_modal; fake_modal.install(plane=True);"
+    probe += " import modal_app; print(sorted({'torch', 'fastapi'} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_missing_required_secret_key_refuses_to_start(
     tmp_path: Path, sample_env: dict[str, str]
 ) -> None:
