@@ -2,7 +2,7 @@
 
 `connect(state_dir)` makes `rehearsal.fake_modal`'s calls in this process go to the
 running rehearsal, as `modal` does to Modal from a laptop: `Function.from_name(app,
-name).spawn(...)`, `FunctionCall.from_id(id).get(...)`, `Dict.from_name(...)`. The
+name).spawn(...)`, `FunctionCall.from_id(id).get(...)`, `.cancel()`. The
 returned `Control` also looks inside: counters, containers, the state of an input.
 """
 

@@ -1,6 +1,6 @@
 """The control plane: Modal's side of the rehearsal, in the rehearsal's main process.
 
-It holds what Modal's servers hold (calls and their inputs, results, Dicts) and starts
+It holds what Modal's servers hold (calls and their inputs, results) and starts
 and stops the emulated containers, one process each (`rehearsal/container.py`). Each
 rule below is Modal's as documented; where the docs leave a number open (how fast the
 autoscaler starts containers, the crash-loop backoff), the rehearsal's choice is named.
@@ -63,7 +63,6 @@ from typing import Any
 from packaging.requirements import Requirement
 
 from rehearsal import fake_modal, images, wire
-from rehearsal.dicts import Dicts
 from rehearsal.fake_modal import ENV_CONTAINER, FunctionSpec, exception
 from rehearsal.snapshots import Snapshot
 from rehearsal.state import Batch, Container, Input, Options, Peer, Service
@@ -74,7 +73,7 @@ BLOCKING_OPS = frozenset({"get", "remote", "next", "wait_input"})
 
 
 class ControlPlane:
-    """Calls, inputs, results, Dicts and containers; serves the wire (`rehearsal/wire.py`)."""
+    """Calls, inputs, results and containers; serves the wire (`rehearsal/wire.py`)."""
 
     def __init__(self, app: fake_modal.App, options: Options) -> None:
         self.app = app
@@ -86,7 +85,6 @@ class ControlPlane:
         self._inputs: dict[str, Input] = {}
         self._batches: dict[str, Batch] = {}
         self._containers: dict[str, Container] = {}
-        self.dicts = Dicts()
         self._ids = itertools.count(1)
         self._refused: dict[int, str] = {}  # imports refused in containers, by image
         self._gpu_batches = 0
@@ -263,10 +261,6 @@ class ControlPlane:
                     batch.container.peer.send((None, "cancel", batch.id))
         if kill is not None:
             self._kill(kill)
-
-    def op_dict(self, peer: Peer, name: str, create: bool, op: str, *args: Any) -> Any:
-        self.count(f"modal.dict.{op}")
-        return self.dicts.call(name, create, op, *args)
 
     def _input(self, call_id: str) -> Input:
         item = self._inputs.get(call_id)

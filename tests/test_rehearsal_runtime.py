@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from rehearsal.fake_modal import Dict, Function, FunctionCall, exception
+from rehearsal.fake_modal import Function, FunctionCall, exception
 from tests.rehearsal_fixtures import ROOT, SCRIPT, Rehearsal, rehearsing, until
 from tests.s3_server import DUMMY_AWS_ENV
 
@@ -95,19 +95,6 @@ def test_unknown_names_and_ids_raise_not_found(sample: Rehearsal) -> None:
         Function.from_name("another-app", "echo")
     with pytest.raises(exception.NotFoundError):
         FunctionCall.from_id("fc-unknown").get(timeout=0)
-
-
-def test_dict_insert_if_absent_get_pop_items(sample: Rehearsal) -> None:
-    store = Dict.from_name("test-dict", create_if_missing=True)
-    assert store.put("k", {"v": 1}, skip_if_exists=True) is True
-    assert store.put("k", {"v": 2}, skip_if_exists=True) is False
-    assert store.get("k") == {"v": 1} and store.get("absent", "dflt") == "dflt"
-    assert dict(store.items()) == {"k": {"v": 1}}
-    assert store.pop("k") == {"v": 1} and store.pop("k", None) is None
-    with pytest.raises(KeyError):
-        store.pop("k")
-    with pytest.raises(exception.NotFoundError):
-        Dict.from_name("never-created").get("k")
 
 
 # -- batches -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ ENV_CONTAINER = "REHEARSAL_CONTAINER_ID"
 ENV_STATE_DIR = "REHEARSAL_STATE_DIR"
 ENV_WEB_URL = "REHEARSAL_WEB_URL"
 _ROLE = {"plane": False}  # set by `install(plane=True)` in the control plane
-PICKLE_PROTOCOL = 4  # fixed, so a Dict key pickles to the same bytes in every process
+PICKLE_PROTOCOL = 4  # fixed: every process of the rehearsal reads what any other wrote
 
 
 def in_control_plane() -> bool:

@@ -1,4 +1,4 @@
-"""Schedules, retry policies, images, secrets, Volumes and Dicts of the stand-in `modal`."""
+"""Schedules, retry policies, images, secrets and Volumes of the stand-in `modal`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from rehearsal import wire
 from rehearsal.fake_modal import exception
-from rehearsal.fake_modal._common import ENV_STATE_DIR, api, dumps, in_control_plane, loads
+from rehearsal.fake_modal._common import ENV_STATE_DIR, api, in_control_plane
 from rehearsal.images import nothing_new, read_requirements
 
 MIN_INPUT_RETRY_DELAY_MS = 1000  # modal/retries.py
-_NO_DEFAULT = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,94 +305,3 @@ class Volume:
     @api
     def reload(self) -> None:
         """No-op: one folder on one disk."""
-
-
-class Dict:
-    """`modal.Dict`, held by the control plane (modal/dict.py; https://modal.com/docs/guide/dicts).
-
-    Values are pickled, so a container sees a copy; keys compare by their pickled bytes,
-    as on Modal's server. An entry expires 7 days after its last read or write
-    (dict.py: "An individual Dict entry will expire after 7 days of inactivity"): `get`,
-    `[]`, `put` and `[]=` touch an entry; `items`, `keys`, `values`, `contains` and `len`
-    do not (the docs do not say they do). Entries live as long as the rehearsal.
-    """
-
-    def __init__(self, name: str, create_if_missing: bool) -> None:
-        self.name = name
-        self._create = create_if_missing
-
-    @classmethod
-    def from_name(
-        cls,
-        name: str,
-        *,
-        environment_name: str | None = None,
-        create_if_missing: bool = False,
-        client: Any = None,
-    ) -> Dict:
-        return cls(name, create_if_missing)
-
-    def _call(self, op: str, *args: Any) -> Any:
-        return wire.current().modal("dict", self.name, self._create, op, *args)
-
-    @api
-    def get(self, key: Any, default: Any | None = None) -> Any:
-        found, value = self._call("get", dumps(key))
-        return loads(value) if found else default
-
-    @api
-    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool:
-        return bool(self._call("put", dumps(key), dumps(value), skip_if_exists))
-
-    @api
-    def pop(self, key: Any, default: Any = _NO_DEFAULT) -> Any:
-        found, value = self._call("pop", dumps(key))
-        if found:
-            return loads(value)
-        if default is _NO_DEFAULT:
-            raise KeyError(key)
-        return default
-
-    @api
-    def contains(self, key: Any) -> bool:
-        return bool(self._call("contains", dumps(key)))
-
-    @api
-    def len(self) -> int:
-        return int(self._call("len"))
-
-    @api
-    def clear(self) -> None:
-        self._call("clear")
-
-    @api
-    def update(self, other: Any = None, /, **kwargs: Any) -> None:
-        pairs = {**dict(other or {}), **kwargs}
-        self._call("update", [(dumps(k), dumps(v)) for k, v in pairs.items()])
-
-    @api
-    def items(self) -> Iterator[tuple[Any, Any]]:
-        return iter([(loads(k), loads(v)) for k, v in self._call("items")])
-
-    @api
-    def keys(self) -> Iterator[Any]:
-        return iter([key for key, _ in self.items()])
-
-    @api
-    def values(self) -> Iterator[Any]:
-        return iter([value for _, value in self.items()])
-
-    def __getitem__(self, key: Any) -> Any:
-        found, value = self._call("get", dumps(key))
-        if not found:
-            raise KeyError(key)
-        return loads(value)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.put(key, value)
-
-    def __delitem__(self, key: Any) -> None:
-        self.pop(key)
-
-    def __contains__(self, key: Any) -> bool:
-        return bool(self.contains(key))
