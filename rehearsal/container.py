@@ -339,7 +339,9 @@ def main(module_name: str, tag: str, snapshot: bool = False) -> None:
                 report.write(f"failed {reason}\n")
             sys.exit(1)
         serve_snapshot(code, stats, commands, events)
-        return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # nothing of the snapshot's needs tearing down (torch's takes seconds)
     link = wire.connect(("container", os.environ[fake_modal.ENV_CONTAINER]))
     try:
         code = load(module_name, tag)
