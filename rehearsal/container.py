@@ -46,6 +46,11 @@ from rehearsal.fake_modal import FunctionSpec, dumps, exception, loads
 log = logging.getLogger("rehearsal.container")
 Delivered = tuple[str, str | None, bytes]  # an input as delivered: call id, method, arguments
 ENV_SNAPSHOT_FDS = "REHEARSAL_SNAPSHOT_FDS"  # "COMMANDS,EVENTS": the snapshot's pipes
+# GNU OpenMP cannot run in a child forked after the parent ran a parallel region (the
+# child hangs), so the snapshot process computes on one thread, and a restored container
+# gets this machine's threads back (torch's default, or OMP_NUM_THREADS as it was).
+OMP_THREADS = "OMP_NUM_THREADS"
+THREADS_ASKED = os.environ.get(OMP_THREADS)  # as the control plane started this process
 PR_SET_PDEATHSIG = 1  # prctl(2): a restored container dies with its snapshot process
 
 
@@ -302,12 +307,24 @@ def serve_snapshot(code: UserCode, stats: hooks.Stats, commands: int, events: in
                 report.write(f"exit {ended[0]} {os.waitstatus_to_exitcode(ended[1])}\n")
 
 
+def threads_back(original: str | None) -> None:
+    """A restored container computes on as many threads as it would have without a snapshot."""
+    if original is None:
+        os.environ.pop(OMP_THREADS, None)
+    else:
+        os.environ[OMP_THREADS] = original
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(int(original) if original else len(os.sched_getaffinity(0)))
+
+
 def restored(container_id: str, code: UserCode, stats: hooks.Stats) -> NoReturn:
     """A child of the snapshot process: one container, from `snap=False` on."""
     exit_code = 1
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         os.environ[fake_modal.ENV_CONTAINER] = container_id
+        threads_back(THREADS_ASKED)
         stats.take()  # the snapshot's own counts are not this container's
         link = wire.connect(("container", container_id))
         serve(link, code, stats)
@@ -329,6 +346,7 @@ def main(module_name: str, tag: str, snapshot: bool = False) -> None:
     hooks.install(wire.latency_from_env(), stats)
     images.guard_container()
     if snapshot:
+        os.environ[OMP_THREADS] = "1"  # before the app imports torch; see OMP_THREADS
         commands, events = (int(fd) for fd in os.environ[ENV_SNAPSHOT_FDS].split(","))
         try:
             code = load(module_name, tag)

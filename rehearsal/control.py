@@ -533,7 +533,9 @@ class ControlPlane:
                 )
             container.proc = service.snapshot.fork(container.id)
         else:
-            container.proc = subprocess.Popen(command, env={**env, ENV_CONTAINER: container.id})
+            container.proc = subprocess.Popen(  # a terminal's Ctrl-C is for the plane alone
+                command, env={**env, ENV_CONTAINER: container.id}, process_group=0
+            )
         self.counters["containers_started"] += 1
         stats = self.per_function[spec.tag]
         stats["containers_started"] += 1

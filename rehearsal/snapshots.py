@@ -90,7 +90,9 @@ class Snapshot:
         commands_in, commands_out = os.pipe()
         events_in, events_out = os.pipe()
         env = {**env, ENV_SNAPSHOT_FDS: f"{commands_in},{events_out}"}
-        self.proc = subprocess.Popen(command, env=env, pass_fds=(commands_in, events_out))
+        self.proc = subprocess.Popen(  # its own process group: a terminal's Ctrl-C is the plane's
+            command, env=env, pass_fds=(commands_in, events_out), process_group=0
+        )
         os.close(commands_in)
         os.close(events_out)
         self._commands: TextIO = os.fdopen(commands_out, "w", buffering=1)

@@ -9,6 +9,7 @@ look into its database.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ from magicmix.store.database import open_database
 from magicmix.store.jobs import SqlJobStore
 from rehearsal import client
 from rehearsal.cli import READY
+from rehearsal.local import BUCKET_LINE, DATABASE_LINE
 from tests.conftest import make_layout_image
 from tests.http_fixtures import free_port
 from tests.s3_server import DUMMY_AWS_ENV, REGION
@@ -70,12 +72,15 @@ class Rehearsal:
         return "".join(self.lines)
 
 
-def _drain(proc: subprocess.Popen[str], lines: list[str], ready: threading.Event) -> None:
-    """Keep reading its output (and its containers'), so no pipe fills up."""
+def _drain(
+    proc: subprocess.Popen[str], lines: list[str], ready: threading.Event, marker: str = READY
+) -> None:
+    """Keep reading its output (and its containers'), so no pipe fills up; `ready` once a
+    line starts with `marker` (or the output ended)."""
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith(READY):
+        if line.startswith(marker):
             ready.set()
     ready.set()
 
@@ -212,6 +217,66 @@ class Deployment:
 
 
 @contextmanager
+def rehearsed_locally(env: dict[str, str], *flags: str) -> Iterator[Deployment]:
+    """`make rehearse`'s entry (`python -m rehearsal.local`) with `env` and FLAGS, until the
+    block ends (then Ctrl-C, unless a test stopped it); the deployment it printed."""
+    port = free_port()
+    command = [sys.executable, "-m", "rehearsal.local", "--port", str(port), *flags]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+    threading.Thread(target=_drain, args=(proc, lines, ready, STOPS), daemon=True).start()
+    try:
+        assert ready.wait(180) and proc.poll() is None, "".join(lines)
+        printed = {
+            "MAGICMIX_DATABASE_URL": _after(lines, DATABASE_LINE).split()[0],
+            "MAGICMIX_STORE_URL": _after(lines, BUCKET_LINE).split()[0],
+            "MAGICMIX_S3_ENDPOINT_URL": _after(lines, BUCKET_LINE).split()[2],
+        }
+        state_dir = Path(_after(lines, READY).rpartition(" state ")[2])
+        database = open_database(printed["MAGICMIX_DATABASE_URL"], migrate_schema=False)
+        control = client.connect(state_dir)
+        running = Rehearsal(proc, control, f"http://127.0.0.1:{port}", state_dir, lines)
+        try:
+            with client_of(running) as http:
+                yield Deployment(running, http, {**env, **printed}, SqlJobStore(database))
+        finally:
+            control.close()
+            database.close()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+
+
+def client_of(running: Rehearsal) -> httpx.Client:
+    """An HTTP client of the rehearsed web function (Modal's 303s followed)."""
+    return httpx.Client(base_url=running.base_url, timeout=200, follow_redirects=True)
+
+
+STOPS = "Ctrl-C stops"  # the last line `make rehearse` prints once ready
+
+
+def _after(lines: list[str], prefix: str) -> str:
+    """The rest of the first line starting with `prefix`."""
+    return next(line for line in lines if line.startswith(prefix))[len(prefix) :].strip()
+
+
+def printed_curl(lines: list[str]) -> dict[str, Any]:
+    """The JSON body of the curl `make rehearse` printed."""
+    text = "".join(lines)
+    start = text.index("-d '") + len("-d '")
+    return dict(json.loads(text[start : text.index("'\n", start)]))
+
+
+@contextmanager
 def deployed(
     state_dir: Path, env: dict[str, str], *flags: str, app: str = "modal_app"
 ) -> Iterator[Deployment]:
@@ -220,7 +285,7 @@ def deployed(
     try:
         with (
             rehearsing(state_dir, *flags, env=env, app=app) as running,
-            httpx.Client(base_url=running.base_url, timeout=200, follow_redirects=True) as http,
+            client_of(running) as http,
         ):
             yield Deployment(running, http, env, SqlJobStore(database))
     finally:

@@ -1,8 +1,11 @@
-"""The check on every landing: modal_app.py rehearsed under a burst that goes wrong.
+"""The check on every landing: `make rehearse`, and modal_app.py under a burst that goes wrong.
 
-One rehearsal for the module: two GPU containers at most, one in three GPU batches
-killed mid-batch (`--crash-gpu-every 3`, Modal reschedules its inputs), the sweep every
-2 s, batches of four that collect for 200 ms. Each round is a burst from two keys in
+One rehearsal for the module, started as `make rehearse` starts it (`python -m
+rehearsal.local`: its own PostgreSQL and S3 store on loopback, the toy model): it serves
+the playground, and the curl it prints answers `success`. Then, with two GPU containers
+at most, one in three GPU batches killed mid-batch (`--crash-gpu-every 3`, Modal
+reschedules its inputs), the sweep every 2 s and batches of four that collect for
+200 ms, each round is a burst from two keys in
 three sizes and two step counts (so Modal's batches mix schedule groups), some requests
 sent twice at once with one Idempotency-Key, every job with a webhook, and clear_queue
 landing mid-burst while batches collect and run. Afterwards every job must have ended
@@ -14,30 +17,33 @@ The job-lifecycle races of the SQL store (tests/test_lifecycle_races.py: cancel 
 claim, clear_queue vs a claiming worker, a finish vs a lapsed lease, submit vs
 clear_queue, resends of one Idempotency-Key, two webhook senders) all meet here, across
 real processes and crashes: the first round runs on every landing, many more under `slow`.
+Last, Ctrl-C stops everything `make rehearse` started.
 """
 
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from standardwebhooks import Webhook
 
 from magicmix.http.links import EDITING
 from magicmix.jobs import JobStatus
-from magicmix.store.testing import TempPostgres
 from tests.http_fixtures import LoopbackServer, respond
 from tests.rehearsal_fixtures import (
     ADMIN,
     OTHER,
+    SECRET_KEY,
     Deployment,
-    app_env,
-    deployed,
+    printed_curl,
+    rehearsed_locally,
     s3_client,
     until,
     webhook_secret,
@@ -50,8 +56,7 @@ KNOBS = {
     "MAGICMIX_BATCH_SIZE": "4",
     "MAGICMIX_BATCH_WAIT_MS": "200",
     "MAGICMIX_SYNC_WAIT_S": "0",
-    "MAGICMIX_ALLOW_PRIVATE_URLS": "true",  # the webhook receiver is on loopback
-}
+}  # `make rehearse` allows private URLs, as `make run` does: the receiver is on loopback
 JOBS_PER_ROUND = 16
 SLOW_ROUNDS = 25  # as tests/test_lifecycle_races.py ROUNDS
 
@@ -64,15 +69,23 @@ def receiver() -> Iterator[LoopbackServer]:
 
 
 @pytest.fixture(scope="module")
-def app(
-    tmp_path_factory: pytest.TempPathFactory,
-    s3_server: str,
-    tiny_model_dir: Path,
-    postgres: TempPostgres,
-) -> Iterator[Deployment]:
-    env = app_env(s3_server, tiny_model_dir, postgres.fresh_url(), **KNOBS)
-    with deployed(tmp_path_factory.mktemp("burst"), env, *FLAGS) as running:
+def app() -> Iterator[Deployment]:
+    env = {"MAGICMIX_API_KEYS": f"{ADMIN},{OTHER}", "MAGICMIX_SECRET_KEY": SECRET_KEY, **KNOBS}
+    with rehearsed_locally(env, *FLAGS) as running:
         yield running
+
+
+def test_make_rehearse_serves_the_playground_and_its_printed_curl_answers_success(
+    app: Deployment,
+) -> None:
+    page = app.http.get("/")
+    assert page.status_code == 200 and "MagicMix playground" in page.text
+    body = printed_curl(app.running.lines)
+    reply = app.http.post(MIX, json=body).json()
+    if reply["status"] == "processing":
+        reply = app.until_done(reply["id"], body["key"], timeout=120)
+    assert reply["status"] == "success", reply
+    assert app.http.get(reply["output"][0]).content.startswith(PNG)
 
 
 def submit(app: Deployment, body: dict[str, Any], resend: str | None) -> list[httpx.Response]:
@@ -180,3 +193,20 @@ def test_many_bursts_with_crashing_gpus_and_clear_queue_end_every_job_once(
             tally[status] = tally.get(status, 0) + count
     assert tally.get("success", 0) and tally.get("cancelled", 0), tally
     assert app.control.counters()["totals"].get("modal.cancel", 0) == 0
+
+
+def test_ctrl_c_stops_everything_make_rehearse_started(app: Deployment) -> None:
+    entry = psutil.Process(app.running.proc.pid)
+    started = entry.children(recursive=True)
+    port = app.env["MAGICMIX_DATABASE_URL"].rpartition(":")[2].partition("/")[0]
+    postgres = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if f"-p {port}" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert len(started) >= 4 and len(postgres) == 1  # the rehearsal, its containers
+    data_dir = Path(postgres[0].info["cmdline"][postgres[0].info["cmdline"].index("-D") + 1])
+    app.running.proc.send_signal(signal.SIGINT)
+    assert app.running.proc.wait(60) == 0
+    _, alive = psutil.wait_procs([*started, *postgres], timeout=10)
+    assert not alive and not data_dir.exists() and not app.running.state_dir.exists()
