@@ -25,6 +25,10 @@ class Control:
     def function_counters(self, tag: str) -> dict[str, int]:
         return dict(self.counters()["functions"].get(tag, {}))
 
+    def timings(self, tag: str) -> dict[str, list[Any]]:
+        """Completed batches (size, seconds) and container starts (seconds) of a function."""
+        return dict(self.link.call("timings", tag))
+
     def containers(self) -> list[dict[str, Any]]:
         return list(self.link.call("containers"))
 

@@ -286,22 +286,24 @@ def serve_snapshot(code: UserCode, stats: hooks.Stats, commands: int, events: in
     Ends when `commands` closes (the control plane stopped or died)."""
     report = os.fdopen(events, "w", buffering=1)
     report.write("ready\n")
-    reader = os.fdopen(commands, "r")
+    unread = b""  # read from the raw descriptor: a buffered reader would hide lines from select
     while True:
-        readable, _, _ = select.select([reader], [], [], 0.2)
+        readable, _, _ = select.select([commands], [], [], 0.2)
         if readable:
-            line = reader.readline()
-            if not line:
+            data = os.read(commands, 4096)
+            if not data:
                 return
-            container_id = line.split()[1]
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                reader.close()
-                report.close()
-                restored(container_id, code, stats)
-            report.write(f"started {container_id} {pid}\n")
+            *lines, unread = (unread + data).split(b"\n")
+            for line in lines:
+                container_id = line.split()[1].decode()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(commands)
+                    report.close()
+                    restored(container_id, code, stats)
+                report.write(f"started {container_id} {pid}\n")
         with contextlib.suppress(ChildProcessError):
             while (ended := os.waitpid(-1, os.WNOHANG))[0]:
                 report.write(f"exit {ended[0]} {os.waitstatus_to_exitcode(ended[1])}\n")

@@ -45,6 +45,7 @@ autoscaler starts containers, the crash-loop backoff), the rehearsal's choice is
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -153,7 +154,8 @@ class ControlPlane:
                 container.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 container.proc.kill()
-                container.proc.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):  # a fork never made
+                    container.proc.wait(grace_s)
         for service in self._services.values():
             if service.snapshot is not None:
                 service.snapshot.stop(grace_s)
@@ -289,6 +291,9 @@ class ControlPlane:
         container = self._container(peer)
         with self._lock:
             container.ready, container.port = True, port
+            self._services[container.tag].start_times.append(
+                time.monotonic() - container.started_at
+            )
             if container.state == "starting":
                 container.state = "idle"
             container.idle_since = time.monotonic()
@@ -369,7 +374,8 @@ class ControlPlane:
                 self._gpu_batches += 1
                 if self._gpu_batches % every == 0:
                     batch.crash = True
-                    delay = statistics.fmean(service.durations) / 2 if service.durations else 0.0
+                    recent = [s for _, s in list(service.batch_times)[-50:]]
+                    delay = statistics.fmean(recent) / 2 if recent else 0.0
                     timer = threading.Timer(delay, self._crash, (batch,))
                     timer.daemon = True
                     timer.start()
@@ -418,8 +424,8 @@ class ControlPlane:
         if batch.timer is not None:
             batch.timer.cancel()
         if completed and batch.started_at is not None:
-            self._services[batch.container.tag].durations.append(
-                time.monotonic() - batch.started_at
+            self._services[batch.container.tag].batch_times.append(
+                (len(batch.inputs), time.monotonic() - batch.started_at)
             )
 
     def _finish(self, item: Input, outcome: tuple[str, Any]) -> None:
@@ -711,6 +717,13 @@ class ControlPlane:
                 }
                 for c in self._containers.values()
             ]
+
+    def op_timings(self, peer: Peer, tag: str) -> dict[str, list[Any]]:
+        """A function's completed batches as (size, seconds from its user code starting to
+        its outputs), and its containers' seconds from start to ready."""
+        with self._lock:
+            service = self._services[tag]
+            return {"batches": list(service.batch_times), "starts": list(service.start_times)}
 
     def op_input(self, peer: Peer, call_id: str) -> dict[str, Any]:
         item = self._input(call_id)

@@ -82,6 +82,7 @@ class Container:
     collecting: list[Input] = field(default_factory=list)
     kill_reason: str | None = None  # timeout, terminate, crash: why the plane killed it
     idle_since: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)
     port: int | None = None  # a web container's uvicorn
     inflight: int = 0
     failure: str | None = None  # what it reported before dying at start
@@ -112,7 +113,10 @@ class Service:
     containers: dict[str, Container] = field(default_factory=dict)
     backoff_s: float = 0.0
     start_after: float = 0.0
-    durations: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    # completed batches (size, seconds) and container starts (seconds to ready), for
+    # `op_timings`; the last batches also time `--crash-gpu-every`'s kills
+    batch_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=10_000))
+    start_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     web_waiters: int = 0
     snapshot: Snapshot | None = None  # with enable_memory_snapshot: what containers fork from
 
