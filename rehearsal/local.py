@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import secrets
 import shutil
@@ -31,6 +30,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from rehearsal.cli import READY
+from rehearsal.loopback import DUMMY_AWS_ENV, s3_client, s3_server
 
 if TYPE_CHECKING:
     from magicmix.config import Settings
@@ -38,40 +38,10 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "rehearse"
 DATABASE_LINE, BUCKET_LINE = "Database:", "Bucket:"  # printed once ready (tests read them)
-# AWS's documentation example keys: moto accepts any, and nothing leaves loopback
-LOOPBACK_AWS = {
-    "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
-    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/dev/null",
-    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-NEEDS_TEST_EXTRAS = (
-    "make rehearse needs moto (an S3-protocol server) from the test extras:"
-    " pip install -e '.[test]' (make install does)"
-)
 
 
 class Stop(Exception):
     """SIGTERM: stop as Ctrl-C does."""
-
-
-@contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    """moto's S3 server on a free loopback port; its endpoint URL."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError as err:
-        raise SystemExit(NEEDS_TEST_EXTRAS) from err
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @contextlib.contextmanager
@@ -91,18 +61,9 @@ def postgres() -> Iterator[str]:
 
 def app_environment(database_url: str, endpoint: str) -> dict[str, str]:
     """What the `magicmix` and `magicmix-s3` secrets would hold, for loopback."""
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=LOOPBACK_AWS["AWS_DEFAULT_REGION"],
-        aws_access_key_id=LOOPBACK_AWS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=LOOPBACK_AWS["AWS_SECRET_ACCESS_KEY"],
-    )
-    s3.create_bucket(Bucket=BUCKET)
+    s3_client(endpoint).create_bucket(Bucket=BUCKET)
     return {
-        **LOOPBACK_AWS,
+        **DUMMY_AWS_ENV,
         "HF_HUB_OFFLINE": "1",
         "MAGICMIX_MODEL": os.environ.get("MAGICMIX_MODEL", "toy"),  # or tiny, or a folder
         "MAGICMIX_SECRET_KEY": os.environ.get("MAGICMIX_SECRET_KEY", secrets.token_hex(32)),

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import psycopg
 
@@ -36,12 +33,12 @@ from magicmix.store.jobs import SqlJobStore
 from rehearsal import client
 from rehearsal.cli import READY
 from rehearsal.local import BUCKET_LINE, DATABASE_LINE
+from rehearsal.loopback import DUMMY_AWS_ENV, s3_client
 from tests.conftest import make_layout_image
 from tests.http_fixtures import free_port
-from tests.s3_server import DUMMY_AWS_ENV, REGION
 from tests.service_fixtures import MIX, png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = client.ROOT
 SCRIPT = ROOT / "scripts" / "modal-rehearsal"
 ADMIN, OTHER = "mm_static_rehearsal_key_one", "mm_static_rehearsal_key_two"
 SECRET_KEY = "rehearsal-secret-key-0123456789"
@@ -61,28 +58,22 @@ def until(check: Callable[[], Any], timeout: float = 60.0) -> Any:
 class Rehearsal:
     """A running rehearsal: its process, its control connection, its web URL, its log."""
 
-    proc: subprocess.Popen[str]
+    launched: client.Launched
     control: client.Control
     base_url: str
     state_dir: Path
-    lines: list[str] = field(default_factory=list)
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        return self.launched.proc
+
+    @property
+    def lines(self) -> list[str]:
+        return self.launched.lines
 
     @property
     def log(self) -> str:
-        return "".join(self.lines)
-
-
-def _drain(
-    proc: subprocess.Popen[str], lines: list[str], ready: threading.Event, marker: str = READY
-) -> None:
-    """Keep reading its output (and its containers'), so no pipe fills up; `ready` once a
-    line starts with `marker` (or the output ended)."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(marker):
-            ready.set()
-    ready.set()
+        return self.launched.log
 
 
 @contextmanager
@@ -96,33 +87,16 @@ def rehearsing(
     """`scripts/modal-rehearsal --app APP --port P FLAGS` until the block ends (SIGTERM)."""
     port = free_port()
     command = [sys.executable, str(SCRIPT), "--app", app, "--port", str(port)]
-    command += ["--state-dir", str(state_dir), *flags]
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-    threading.Thread(target=_drain, args=(proc, lines, ready), daemon=True).start()
+    launched = client.launch([*command, "--state-dir", str(state_dir), *flags], env, ready_at=READY)
     try:
-        assert ready.wait(start_timeout) and proc.poll() is None, "".join(lines)
+        assert launched.wait_ready(start_timeout), launched.log
         control = client.connect(state_dir)
         try:
-            yield Rehearsal(proc, control, f"http://127.0.0.1:{port}", state_dir, lines)
+            yield Rehearsal(launched, control, f"http://127.0.0.1:{port}", state_dir)
         finally:
             control.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        launched.stop()
 
 
 # -- modal_app.py, deployed on loopback ---------------------------------------------------
@@ -144,16 +118,6 @@ def app_env(s3_server: str, model_dir: Path, database_url: str, **knobs: str) ->
         "MAGICMIX_API_KEYS": f"{ADMIN},{OTHER}",
         **knobs,
     }
-
-
-def s3_client(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id=DUMMY_AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=DUMMY_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-    )
 
 
 def webhook_secret(key: str) -> str:
@@ -222,19 +186,10 @@ def rehearsed_locally(env: dict[str, str], *flags: str) -> Iterator[Deployment]:
     block ends (then Ctrl-C, unless a test stopped it); the deployment it printed."""
     port = free_port()
     command = [sys.executable, "-m", "rehearsal.local", "--port", str(port), *flags]
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-    threading.Thread(target=_drain, args=(proc, lines, ready, STOPS), daemon=True).start()
+    launched = client.launch(command, env, ready_at=STOPS)
     try:
-        assert ready.wait(180) and proc.poll() is None, "".join(lines)
+        assert launched.wait_ready(180), launched.log
+        lines = launched.lines
         printed = {
             "MAGICMIX_DATABASE_URL": _after(lines, DATABASE_LINE).split()[0],
             "MAGICMIX_STORE_URL": _after(lines, BUCKET_LINE).split()[0],
@@ -243,7 +198,7 @@ def rehearsed_locally(env: dict[str, str], *flags: str) -> Iterator[Deployment]:
         state_dir = Path(_after(lines, READY).rpartition(" state ")[2])
         database = open_database(printed["MAGICMIX_DATABASE_URL"], migrate_schema=False)
         control = client.connect(state_dir)
-        running = Rehearsal(proc, control, f"http://127.0.0.1:{port}", state_dir, lines)
+        running = Rehearsal(launched, control, f"http://127.0.0.1:{port}", state_dir)
         try:
             with client_of(running) as http:
                 yield Deployment(running, http, {**env, **printed}, SqlJobStore(database))
@@ -251,9 +206,7 @@ def rehearsed_locally(env: dict[str, str], *flags: str) -> Iterator[Deployment]:
             control.close()
             database.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(60)
+        launched.stop(signal.SIGINT)
 
 
 def client_of(running: Rehearsal) -> httpx.Client:
