@@ -8,12 +8,13 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
+REHEARSE_FLAGS ?=
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test test-slow lint bench install clean lock deploy-check
+.PHONY: run rehearse test test-slow lint bench install clean lock deploy-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,13 @@ run: install
 	MAGICMIX_ALLOW_PRIVATE_URLS=$${MAGICMIX_ALLOW_PRIVATE_URLS:-true} \
 	MAGICMIX_PUBLIC_URL=$${MAGICMIX_PUBLIC_URL:-http://$(HOST):$(PORT)} \
 	$(BIN)/magicmix serve --host $(HOST) --port $(PORT) --print-curl
+
+# The Modal app rehearsed locally (docs/rehearsal.md): modal_app.py under an emulation of
+# Modal's runtime, on a throwaway PostgreSQL and S3 store on loopback, the toy model
+# (MAGICMIX_MODEL=tiny or a folder for another). Flags for scripts/modal-rehearsal:
+# make rehearse REHEARSE_FLAGS="--gpus 2 --crash-gpu-every 5". Ctrl-C stops it all.
+rehearse: install
+	$(BIN)/python -m rehearsal.local --port $(PORT) $(REHEARSE_FLAGS)
 
 lint: install
 	$(BIN)/ruff check magicmix rehearsal tests benchmarks infra scripts/lock.py scripts/sabotage.py scripts/deploy-check scripts/modal-rehearsal modal_app.py

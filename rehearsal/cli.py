@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             **({fake_modal.ENV_WEB_URL: web_url} if web_url else {}),
         }
     )
-    fake_modal.install()
+    fake_modal.install(plane=True)  # in no image's container: the images' imports fail here
     module = importlib.import_module(args.app)
     app = next(v for v in vars(module).values() if isinstance(v, fake_modal.App))
     options = Options(

@@ -1,12 +1,18 @@
-"""One emulated container: `python -m rehearsal.container APP_MODULE TAG`.
+"""One emulated container: `python -m rehearsal.container APP_MODULE TAG [--snapshot]`.
 
 Started by the control plane, one process per container, so a kill -9 is real. It
 follows a Modal container's life (modal/_container_entrypoint.py and
 modal/_runtime/user_code_imports.py, `lifecycle_context`): import the app module (as
 Modal imports it in every container), run the class's `@enter(snap=True)` methods, take
-the memory snapshot (here: check that no connection is open, when
-`enable_memory_snapshot`), run the `@enter(snap=False)` methods, then take inputs (or,
-for an `@asgi_app`, build the app and serve it), and run the `@exit` methods last.
+the memory snapshot, run the `@enter(snap=False)` methods, then take inputs (or, for an
+`@asgi_app`, build the app and serve it), and run the `@exit` methods last.
+
+A function with `enable_memory_snapshot=True` is snapshotted once, as on Modal
+(https://modal.com/docs/guide/memory-snapshots): with `--snapshot` this process imports,
+runs the `snap=True` methods, checks that no connection is open, and then stays as the
+snapshot, forking one child per container the control plane asks for (`serve_snapshot`);
+each child is a restore and goes on from `snap=False`. Without snapshots every container
+imports afresh.
 
 Cancelling an input of the running batch interrupts the user code as Modal does
 (`_container_entrypoint.py`): SIGUSR1 raises `InputCancellation` in the main thread for
@@ -17,35 +23,99 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import logging
 import os
+import select
 import signal
 import socket
 import sys
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn
 
-from rehearsal import LOG_FORMAT, fake_modal, hooks, wire
+import uvicorn  # the rehearsal's own web serving: loaded before the image's import guard
+
+from rehearsal import LOG_FORMAT, fake_modal, hooks, images, wire
 from rehearsal.fake_modal import FunctionSpec, dumps, exception, loads
 
 log = logging.getLogger("rehearsal.container")
 Delivered = tuple[str, str | None, bytes]  # an input as delivered: call id, method, arguments
+ENV_SNAPSHOT_FDS = "REHEARSAL_SNAPSHOT_FDS"  # "COMMANDS,EVENTS": the snapshot's pipes
+# GNU OpenMP cannot run in a child forked after the parent ran a parallel region (the
+# child hangs), so the snapshot process computes on one thread, and a restored container
+# gets this machine's threads back (torch's default, or OMP_NUM_THREADS as it was).
+OMP_THREADS = "OMP_NUM_THREADS"
+THREADS_ASKED = os.environ.get(OMP_THREADS)  # as the control plane started this process
+PR_SET_PDEATHSIG = 1  # prctl(2): a restored container dies with its snapshot process
+
+
+class StartFailed(Exception):
+    """The container cannot start (a failed import, enter method, snapshot check)."""
+
+
+@dataclass
+class UserCode:
+    """The app's function or class instance, up to the memory snapshot."""
+
+    spec: FunctionSpec
+    instance: Any
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call user code; a coroutine runs to its end on a loop of its own."""
+        result = fn(*args, **kwargs)
+        if asyncio.iscoroutine(result):
+            return asyncio.run(result)
+        return result
+
+
+def load(module_name: str, tag: str) -> UserCode:
+    """Import the app, run the `snap=True` methods, check the snapshot (when enabled)."""
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        traceback.print_exc()
+        raise StartFailed(f"importing {module_name} failed: {exc!r}") from exc
+    app = next(v for v in vars(module).values() if isinstance(v, fake_modal.App))
+    spec = app.specs[tag]
+    if spec.image.inside_exceptions:  # raised in a container of that image only
+        error = spec.image.inside_exceptions[0]
+        traceback.print_exception(error)
+        raise StartFailed(f"an import of {tag}'s image failed: {error!r}")
+    try:
+        code = UserCode(spec, spec.user_cls() if spec.user_cls is not None else None)
+        for name in spec.lifecycle(snap=True):
+            code.run(getattr(code.instance, name))
+    except Exception as exc:
+        traceback.print_exc()
+        raise StartFailed(f"starting {tag} failed: {exc!r}") from exc
+    if spec.enable_memory_snapshot:
+        open_now = hooks.open_connections(wire.fds())
+        if open_now:
+            raise StartFailed(
+                f"{len(open_now)} network connection(s) open when Modal would take the memory"
+                " snapshot (after the import and the @modal.enter(snap=True) methods); it"
+                " would be captured in the snapshot and dead in every restored container."
+                " Open connections in @modal.enter(snap=False) instead: " + "; ".join(open_now)
+            )
+    return code
 
 
 class Container:
-    """The user code of one function or class, and the input loop around it."""
+    """The user code of one function or class after the snapshot, and the input loop."""
 
-    def __init__(self, link: wire.Wire, spec: FunctionSpec, stats: hooks.Stats) -> None:
+    def __init__(self, link: wire.Wire, code: UserCode, stats: hooks.Stats) -> None:
         self.link = link
-        self.spec = spec
+        self.spec = code.spec
+        self.code = code
+        self.instance = code.instance
         self.stats = stats
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.instance = spec.user_cls() if spec.user_cls is not None else None
         self.batch_id: str | None = None
         self.task: asyncio.Task[Any] | None = None
         self.in_user_code = False
@@ -56,22 +126,8 @@ class Container:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        for name in self.spec.lifecycle(snap=True):
-            self.run(getattr(self.instance, name))
-        if self.spec.enable_memory_snapshot:
-            self.check_snapshot()
         for name in self.spec.lifecycle(snap=False):
             self.run(getattr(self.instance, name))
-
-    def check_snapshot(self) -> None:
-        open_now = hooks.open_connections({self.link.fileno()})
-        if open_now:
-            fail(
-                f"{len(open_now)} network connection(s) open when Modal would take the memory"
-                " snapshot (after the import and the @modal.enter(snap=True) methods); it"
-                " would be captured in the snapshot and dead in every restored container."
-                " Open connections in @modal.enter(snap=False) instead: " + "; ".join(open_now)
-            )
 
     def stop(self) -> None:
         for name in self.spec.lifecycle(exit=True):
@@ -166,8 +222,6 @@ class Container:
     # -- a web function -------------------------------------------------------------------
 
     def serve_web(self) -> None:
-        import uvicorn
-
         assert self.spec.raw_f is not None
         app = self.spec.raw_f()  # the factory runs after the snapshot, as on Modal
         listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -197,45 +251,26 @@ def failure_blob(exc: BaseException) -> bytes:
         return dumps(exception.ExecutionError(f"{exc!r} (not picklable)\n{text}"))
 
 
-_link: wire.Wire | None = None
-
-
-def fail(reason: str) -> NoReturn:
+def fail(link: wire.Wire | None, reason: str) -> NoReturn:
     """Fail the container at start, loudly: in its log and in the control plane's."""
     print(f"rehearsal: container failed: {reason}", file=sys.stderr, flush=True)
-    if _link is not None:
-        _link.call("failed", reason)
+    if link is not None:
+        link.call("failed", reason)
     sys.exit(1)
 
 
-def main(module_name: str, tag: str) -> None:
-    global _link
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    fake_modal.install()
-    stats = hooks.Stats()
-    _link = link = wire.connect(("container", os.environ[fake_modal.ENV_CONTAINER]))
-    hooks.install(link.latency_s, stats)
+def serve(link: wire.Wire, code: UserCode, stats: hooks.Stats) -> None:
+    """From `snap=False` on: the container's inputs (or web requests) until it stops."""
     try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        traceback.print_exc()
-        fail(f"importing {module_name} failed: {exc!r}")
-    app = next(v for v in vars(module).values() if isinstance(v, fake_modal.App))
-    spec = app.specs[tag]
-    if spec.image.inside_exceptions:  # raised in a container of that image only
-        error = spec.image.inside_exceptions[0]
-        traceback.print_exception(error)
-        fail(f"an import of {tag}'s image failed: {error!r}")
-    try:
-        container = Container(link, spec, stats)
+        container = Container(link, code, stats)
         container.start()
     except Exception as exc:
         traceback.print_exc()
-        fail(f"starting {tag} failed: {exc!r}")
-    if not spec.web:  # uvicorn handles SIGTERM itself; elsewhere it ends the input loop
+        fail(link, f"starting {code.spec.tag} failed: {exc!r}")
+    if not code.spec.web:  # uvicorn handles SIGTERM itself; elsewhere it ends the input loop
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        if spec.web:
+        if code.spec.web:
             container.serve_web()
         else:
             container.serve_inputs()
@@ -245,5 +280,95 @@ def main(module_name: str, tag: str) -> None:
         container.stop()
 
 
+def serve_snapshot(code: UserCode, stats: hooks.Stats, commands: int, events: int) -> None:
+    """The snapshot process: fork a restored container for each `fork ID` line on
+    `commands`; report `ready`, `started ID PID` and `exit PID CODE` on `events`.
+    Ends when `commands` closes (the control plane stopped or died)."""
+    report = os.fdopen(events, "w", buffering=1)
+    report.write("ready\n")
+    unread = b""  # read from the raw descriptor: a buffered reader would hide lines from select
+    while True:
+        readable, _, _ = select.select([commands], [], [], 0.2)
+        if readable:
+            data = os.read(commands, 4096)
+            if not data:
+                return
+            *lines, unread = (unread + data).split(b"\n")
+            for line in lines:
+                container_id = line.split()[1].decode()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(commands)
+                    report.close()
+                    restored(container_id, code, stats)
+                report.write(f"started {container_id} {pid}\n")
+        with contextlib.suppress(ChildProcessError):
+            while (ended := os.waitpid(-1, os.WNOHANG))[0]:
+                report.write(f"exit {ended[0]} {os.waitstatus_to_exitcode(ended[1])}\n")
+
+
+def threads_back(original: str | None) -> None:
+    """A restored container computes on as many threads as it would have without a snapshot."""
+    if original is None:
+        os.environ.pop(OMP_THREADS, None)
+    else:
+        os.environ[OMP_THREADS] = original
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(int(original) if original else len(os.sched_getaffinity(0)))
+
+
+def restored(container_id: str, code: UserCode, stats: hooks.Stats) -> NoReturn:
+    """A child of the snapshot process: one container, from `snap=False` on."""
+    exit_code = 1
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.environ[fake_modal.ENV_CONTAINER] = container_id
+        threads_back(THREADS_ASKED)
+        stats.take()  # the snapshot's own counts are not this container's
+        link = wire.connect(("container", container_id))
+        serve(link, code, stats)
+        exit_code = 0
+    except SystemExit as done:
+        exit_code = done.code if isinstance(done.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+
+def main(module_name: str, tag: str, snapshot: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    fake_modal.install()
+    stats = hooks.Stats()
+    hooks.install(wire.latency_from_env(), stats)
+    images.guard_container()
+    if snapshot:
+        os.environ[OMP_THREADS] = "1"  # before the app imports torch; see OMP_THREADS
+        commands, events = (int(fd) for fd in os.environ[ENV_SNAPSHOT_FDS].split(","))
+        try:
+            code = load(module_name, tag)
+        except StartFailed as failed:
+            print(f"rehearsal: container failed: {failed}", file=sys.stderr, flush=True)
+            reason = " ".join(str(failed).split())
+            with os.fdopen(events, "w") as report:
+                report.write(f"failed {reason}\n")
+            sys.exit(1)
+        serve_snapshot(code, stats, commands, events)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # nothing of the snapshot's needs tearing down (torch's takes seconds)
+    link = wire.connect(("container", os.environ[fake_modal.ENV_CONTAINER]))
+    try:
+        code = load(module_name, tag)
+    except StartFailed as failed:
+        fail(link, str(failed))
+    serve(link, code, stats)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1], sys.argv[2], "--snapshot" in sys.argv[3:])

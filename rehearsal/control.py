@@ -1,6 +1,6 @@
 """The control plane: Modal's side of the rehearsal, in the rehearsal's main process.
 
-It holds what Modal's servers hold (calls and their inputs, results, Dicts) and starts
+It holds what Modal's servers hold (calls and their inputs, results) and starts
 and stops the emulated containers, one process each (`rehearsal/container.py`). Each
 rule below is Modal's as documented; where the docs leave a number open (how fast the
 autoscaler starts containers, the crash-loop backoff), the rehearsal's choice is named.
@@ -45,12 +45,12 @@ autoscaler starts containers, the crash-loop backoff), the rehearsal's choice is
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,9 +61,11 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from rehearsal import fake_modal, wire
-from rehearsal.dicts import Dicts
-from rehearsal.fake_modal import exception
+from packaging.requirements import Requirement
+
+from rehearsal import fake_modal, images, wire
+from rehearsal.fake_modal import ENV_CONTAINER, FunctionSpec, exception
+from rehearsal.snapshots import Snapshot
 from rehearsal.state import Batch, Container, Input, Options, Peer, Service
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ BLOCKING_OPS = frozenset({"get", "remote", "next", "wait_input"})
 
 
 class ControlPlane:
-    """Calls, inputs, results, Dicts and containers; serves the wire (`rehearsal/wire.py`)."""
+    """Calls, inputs, results and containers; serves the wire (`rehearsal/wire.py`)."""
 
     def __init__(self, app: fake_modal.App, options: Options) -> None:
         self.app = app
@@ -84,8 +86,8 @@ class ControlPlane:
         self._inputs: dict[str, Input] = {}
         self._batches: dict[str, Batch] = {}
         self._containers: dict[str, Container] = {}
-        self.dicts = Dicts()
         self._ids = itertools.count(1)
+        self._refused: dict[int, str] = {}  # imports refused in containers, by image
         self._gpu_batches = 0
         self._stopping = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -152,7 +154,11 @@ class ControlPlane:
                 container.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 container.proc.kill()
-                container.proc.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):  # a fork never made
+                    container.proc.wait(grace_s)
+        for service in self._services.values():
+            if service.snapshot is not None:
+                service.snapshot.stop(grace_s)
         self._listener.close()
 
     def _spawn_thread(self, target: Any, name: str) -> None:
@@ -258,10 +264,6 @@ class ControlPlane:
         if kill is not None:
             self._kill(kill)
 
-    def op_dict(self, peer: Peer, name: str, create: bool, op: str, *args: Any) -> Any:
-        self.count(f"modal.dict.{op}")
-        return self.dicts.call(name, create, op, *args)
-
     def _input(self, call_id: str) -> Input:
         item = self._inputs.get(call_id)
         if item is None:
@@ -289,6 +291,9 @@ class ControlPlane:
         container = self._container(peer)
         with self._lock:
             container.ready, container.port = True, port
+            self._services[container.tag].start_times.append(
+                time.monotonic() - container.started_at
+            )
             if container.state == "starting":
                 container.state = "idle"
             container.idle_since = time.monotonic()
@@ -369,7 +374,8 @@ class ControlPlane:
                 self._gpu_batches += 1
                 if self._gpu_batches % every == 0:
                     batch.crash = True
-                    delay = statistics.fmean(service.durations) / 2 if service.durations else 0.0
+                    recent = [s for _, s in list(service.batch_times)[-50:]]
+                    delay = statistics.fmean(recent) / 2 if recent else 0.0
                     timer = threading.Timer(delay, self._crash, (batch,))
                     timer.daemon = True
                     timer.start()
@@ -418,8 +424,8 @@ class ControlPlane:
         if batch.timer is not None:
             batch.timer.cancel()
         if completed and batch.started_at is not None:
-            self._services[batch.container.tag].durations.append(
-                time.monotonic() - batch.started_at
+            self._services[batch.container.tag].batch_times.append(
+                (len(batch.inputs), time.monotonic() - batch.started_at)
             )
 
     def _finish(self, item: Input, outcome: tuple[str, Any]) -> None:
@@ -480,7 +486,7 @@ class ControlPlane:
     @staticmethod
     def _kill(container: Container) -> None:
         if container.proc is not None and container.proc.poll() is None:
-            os.kill(container.proc.pid, signal.SIGKILL)
+            container.proc.kill()
 
     # -- scaling -----------------------------------------------------------------------
 
@@ -522,31 +528,66 @@ class ControlPlane:
     def _start(self, service: Service) -> Container:
         spec = service.spec
         container = Container(f"ct-{spec.tag}-{next(self._ids)}", spec.tag, spec.gpu is not None)
-        env = dict(os.environ)
-        env.update({k: v for k, v in spec.env.items() if v is not None})
-        for key in [k for k, v in spec.env.items() if v is None]:
-            env.pop(key, None)
-        env.update(
-            {
-                fake_modal.ENV_CONTAINER: container.id,
-                fake_modal.ENV_STATE_DIR: str(self.options.state_dir),
-                wire.ENV_ADDRESS: self.address,
-                wire.ENV_AUTHKEY: self.authkey_hex,
-                wire.ENV_LATENCY_MS: str(self.options.latency_ms),
-            }
-        )
-        if self.options.web_url:
-            env[fake_modal.ENV_WEB_URL] = self.options.web_url
+        env = self._container_env(spec)
         self._containers[container.id] = container
         service.containers[container.id] = container
         command = [sys.executable, "-m", "rehearsal.container", self.options.app_module, spec.tag]
-        container.proc = subprocess.Popen(command, env=env)
+        if spec.enable_memory_snapshot:
+            if service.snapshot is None or not service.snapshot.alive:
+                service.snapshot = Snapshot(
+                    [*command, "--snapshot"], env, lambda why: self._snapshot_failed(service, why)
+                )
+            container.proc = service.snapshot.fork(container.id)
+        else:
+            container.proc = subprocess.Popen(  # a terminal's Ctrl-C is for the plane alone
+                command, env={**env, ENV_CONTAINER: container.id}, process_group=0
+            )
         self.counters["containers_started"] += 1
         stats = self.per_function[spec.tag]
         stats["containers_started"] += 1
         stats["peak_containers"] = max(stats["peak_containers"], len(service.alive))
         self._spawn_thread(lambda: self._watch(container), f"watch-{container.id}")
         return container
+
+    def _container_env(self, spec: FunctionSpec) -> dict[str, str]:
+        """A container's environment: the rehearsal's, the function's own, the wire's, and
+        the imports its image does not install."""
+        env = dict(os.environ)
+        env.update({k: v for k, v in spec.env.items() if v is not None})
+        for key in [k for k, v in spec.env.items() if v is None]:
+            env.pop(key, None)
+        env.update(
+            {
+                fake_modal.ENV_STATE_DIR: str(self.options.state_dir),
+                wire.ENV_ADDRESS: self.address,
+                wire.ENV_AUTHKEY: self.authkey_hex,
+                wire.ENV_LATENCY_MS: str(self.options.latency_ms),
+                images.ENV_REFUSED: self._refused_imports(spec.image),
+            }
+        )
+        if self.options.web_url:
+            env[fake_modal.ENV_WEB_URL] = self.options.web_url
+        return env
+
+    def _refused_imports(self, image: fake_modal.Image) -> str:
+        key = id(image)
+        if key not in self._refused:
+            names: list[str] = []
+            if image.declares_packages:
+                installs = images.with_dependencies(Requirement(r) for r in image.requirements)
+                exempt = {self.options.app_module.partition(".")[0], "rehearsal", "modal"}
+                names = images.refused_names(installs, image.local_sources, exempt)
+            self._refused[key] = ",".join(names)
+        return self._refused[key]
+
+    def _snapshot_failed(self, service: Service, reason: str) -> None:
+        """The snapshot could not be taken: every container waiting on it failed to start."""
+        with self._lock:
+            for container in service.containers.values():
+                if not container.ready:
+                    container.failure = reason
+            self.failures.setdefault(service.spec.tag, []).append(reason)
+        log.error("the memory snapshot of %s failed: %s", service.spec.tag, reason)
 
     def _watch(self, container: Container) -> None:
         assert container.proc is not None
@@ -676,6 +717,13 @@ class ControlPlane:
                 }
                 for c in self._containers.values()
             ]
+
+    def op_timings(self, peer: Peer, tag: str) -> dict[str, list[Any]]:
+        """A function's completed batches as (size, seconds from its user code starting to
+        its outputs), and its containers' seconds from start to ready."""
+        with self._lock:
+            service = self._services[tag]
+            return {"batches": list(service.batch_times), "starts": list(service.start_times)}
 
     def op_input(self, peer: Peer, call_id: str) -> dict[str, Any]:
         item = self._input(call_id)

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rehearsal.fake_modal import FunctionSpec
+
+if TYPE_CHECKING:
+    from rehearsal.snapshots import Snapshot
+
+
+class Process(Protocol):
+    """A container's process: a `subprocess.Popen`, or a fork of a snapshot (`Forked`)."""
+
+    @property
+    def pid(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
 
 
 @dataclass
@@ -61,7 +74,7 @@ class Container:
     id: str
     tag: str
     gpu: bool
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Process | None = None
     peer: Peer | None = None
     state: str = "starting"  # starting, idle, collecting, busy, stopping
     ready: bool = False
@@ -69,6 +82,7 @@ class Container:
     collecting: list[Input] = field(default_factory=list)
     kill_reason: str | None = None  # timeout, terminate, crash: why the plane killed it
     idle_since: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.monotonic)
     port: int | None = None  # a web container's uvicorn
     inflight: int = 0
     failure: str | None = None  # what it reported before dying at start
@@ -99,8 +113,12 @@ class Service:
     containers: dict[str, Container] = field(default_factory=dict)
     backoff_s: float = 0.0
     start_after: float = 0.0
-    durations: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    # completed batches (size, seconds) and container starts (seconds to ready), for
+    # `op_timings`; the last batches also time `--crash-gpu-every`'s kills
+    batch_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=10_000))
+    start_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     web_waiters: int = 0
+    snapshot: Snapshot | None = None  # with enable_memory_snapshot: what containers fork from
 
     @property
     def alive(self) -> list[Container]:

@@ -47,7 +47,7 @@ class Wire:
         self._ids = itertools.count(1)
         self._closed = False
         self.on_push: Push | None = None
-        self.latency_s = float(os.environ.get(ENV_LATENCY_MS, "0") or 0) / 1000
+        self.latency_s = latency_from_env()
         self._conn.send(hello)
         threading.Thread(target=self._read, name="rehearsal-wire", daemon=True).start()
 
@@ -105,6 +105,16 @@ class Wire:
 
 
 _current: Wire | None = None
+
+
+def latency_from_env() -> float:
+    """`--latency-ms` as seconds, from this container's environment."""
+    return float(os.environ.get(ENV_LATENCY_MS, "0") or 0) / 1000
+
+
+def fds() -> set[int]:
+    """The file descriptor of this process's wire, if connected (not app connections)."""
+    return {_current.fileno()} if _current is not None else set()
 
 
 def connect(hello: tuple[Any, ...]) -> Wire:

@@ -134,6 +134,38 @@ class Tidy:
         (scratch() / f"exited-{os.getpid()}").touch()
 
 
+@app.function(image=modal.Image.debian_slim().pip_install("boto3"), scaledown_window=SHORT_IDLE)
+def only_boto3() -> dict[str, Any]:
+    """What a container of an image that installs boto3 alone can import."""
+    import importlib.util
+
+    import boto3
+
+    try:
+        import numpy  # noqa: F401 - installed on this machine, not in this image
+    except ModuleNotFoundError as err:
+        numpy_error = str(err)
+    return {
+        "boto3": boto3.__name__,
+        "numpy": numpy_error,
+        "numpy_spec": importlib.util.find_spec("numpy") is None,
+    }
+
+
+@app.cls(enable_memory_snapshot=True, scaledown_window=SHORT_IDLE)
+class Restored:
+    """Two containers of it: restored from one snapshot, so `snap=True` ran once."""
+
+    @modal.enter(snap=True)
+    def load(self) -> None:
+        self.snapshot_pid = os.getpid()
+
+    @modal.method()
+    def run(self, seconds: float) -> tuple[int, int]:
+        time.sleep(seconds)
+        return self.snapshot_pid, os.getpid()
+
+
 @app.cls(gpu="any", scaledown_window=SHORT_IDLE)
 class Gpu:
     @modal.batched(max_batch_size=2, wait_ms=500)

@@ -5,50 +5,29 @@ Everything stays on 127.0.0.1 with dummy credentials; moto keeps its state in th
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-import boto3
 import pytest
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
-from moto.server import ThreadedMotoServer
+
+from rehearsal.loopback import DUMMY_AWS_ENV, DUMMY_KEY_ID, DUMMY_SECRET, REGION
+from rehearsal.loopback import s3_client as loopback_client
+from rehearsal.loopback import s3_server as loopback_s3
+
+__all__ = ["DUMMY_KEY_ID", "DUMMY_SECRET", "REGION"]  # the tests import them from here
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-REGION = "us-east-1"
-DUMMY_KEY_ID = "AKIAIOSFODNN7EXAMPLE"  # AWS's documentation example, not a real key
-DUMMY_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-
-
-# boto3's default chain reads these: dummy keys, no profile files, no instance metadata.
-DUMMY_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": DUMMY_KEY_ID,
-    "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET,
-    "AWS_DEFAULT_REGION": REGION,
-    "AWS_CONFIG_FILE": "/dev/null",
-    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """The endpoint URL of a moto server on a free loopback port."""
-    werkzeug = logging.getLogger("werkzeug")
-    level = werkzeug.level
-    werkzeug.setLevel(logging.WARNING)  # a line per request would swamp failure reports
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        werkzeug.setLevel(level)
+    with loopback_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -61,13 +40,7 @@ def dummy_aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 @pytest.fixture
 def s3_client(s3_server: str) -> S3Client:
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name=REGION,
-        aws_access_key_id=DUMMY_KEY_ID,
-        aws_secret_access_key=DUMMY_SECRET,
-    )
+    return cast("S3Client", loopback_client(s3_server))
 
 
 @pytest.fixture

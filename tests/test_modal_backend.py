@@ -437,6 +437,13 @@ def test_weights_load_without_touching_cuda(
         assert module.device.type == "cpu" and module.dtype == torch.float16
 
 
+def test_the_gpu_class_loads_the_shipped_toy_model_by_name() -> None:
+    """`MAGICMIX_MODEL=toy` (make rehearse's default): the name is resolved as the local
+    worker resolves it, not looked up on the hub (offline, it crash-looped every container)."""
+    components = load_for_snapshot(Settings(model="toy", dtype="float32"))
+    assert components.family.name == "sd1" and components.denoiser.device.type == "cpu"
+
+
 # -- keys on Modal, and the request deadline ---------------------------------------------
 
 

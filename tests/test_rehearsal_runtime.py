@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 
-from rehearsal.fake_modal import Dict, Function, FunctionCall, exception
+from rehearsal.fake_modal import Function, FunctionCall, exception
 from tests.rehearsal_fixtures import ROOT, SCRIPT, Rehearsal, rehearsing, until
 from tests.s3_server import DUMMY_AWS_ENV
 
@@ -95,19 +95,6 @@ def test_unknown_names_and_ids_raise_not_found(sample: Rehearsal) -> None:
         Function.from_name("another-app", "echo")
     with pytest.raises(exception.NotFoundError):
         FunctionCall.from_id("fc-unknown").get(timeout=0)
-
-
-def test_dict_insert_if_absent_get_pop_items(sample: Rehearsal) -> None:
-    store = Dict.from_name("test-dict", create_if_missing=True)
-    assert store.put("k", {"v": 1}, skip_if_exists=True) is True
-    assert store.put("k", {"v": 2}, skip_if_exists=True) is False
-    assert store.get("k") == {"v": 1} and store.get("absent", "dflt") == "dflt"
-    assert dict(store.items()) == {"k": {"v": 1}}
-    assert store.pop("k") == {"v": 1} and store.pop("k", None) is None
-    with pytest.raises(KeyError):
-        store.pop("k")
-    with pytest.raises(exception.NotFoundError):
-        Dict.from_name("never-created").get("k")
 
 
 # -- batches -------------------------------------------------------------------------------
@@ -222,6 +209,30 @@ def test_enter_snap_true_runs_before_snap_false_and_secrets_come_from_the_enviro
 ) -> None:
     assert fn("Tidy", "run").remote() == ["snap=True", "snap=False", "from-the-environment"]
     until(lambda: marks(sample_env, "exited-"))  # @modal.exit, when it scaled down
+
+
+def test_containers_of_a_snapshotted_function_are_forks_of_one_snapshot(sample: Rehearsal) -> None:
+    first = fn("Restored", "run").spawn(2.0)
+    sample.control.wait_input(first.object_id, "running")  # busy: the next needs a container
+    second = fn("Restored", "run").spawn(0.0)
+    (snap_a, pid_a), (snap_b, pid_b) = [call.get(timeout=60) for call in (first, second)]
+    assert snap_a == snap_b and pid_a != pid_b and snap_a not in (pid_a, pid_b)
+
+
+def test_a_container_imports_only_what_its_image_installs(sample: Rehearsal) -> None:
+    seen = fn("only_boto3").remote()
+    assert seen["boto3"] == "boto3"
+    assert seen["numpy"] == "No module named 'numpy'" and seen["numpy_spec"]
+
+
+def test_the_control_plane_never_loads_an_images_imports() -> None:
+    """modal_app.py imports torch inside `gpu_image.imports()`: not in the control plane."""
+    probe = "import sys; from rehearsal import fake_modal; fake_modal.install(plane=True);"
+    probe += " import modal_app; print(sorted({'torch', 'fastapi'} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
 
 
 def test_a_missing_required_secret_key_refuses_to_start(

@@ -14,7 +14,12 @@ import torch
 
 from magicmix.config import Settings
 from magicmix.engine.compile_cache import CompileCache, CompileKey, device_label, model_label
-from magicmix.engine.loading import Components, load_components, resolve_dtype
+from magicmix.engine.loading import (
+    Components,
+    load_components,
+    resolve_dtype,
+    resolve_model_source,
+)
 from magicmix.engine.pipeline import EngineOptions, MagicMixEngine
 
 log = logging.getLogger(__name__)
@@ -91,7 +96,7 @@ def load_for_snapshot(settings: Settings, *, on_gpu: bool = False) -> Components
     `auto`; with Modal's GPU snapshot (`on_gpu`) the GPU is there and they go straight to it.
     """
     return load_components(
-        settings.model,
+        resolve_model_source(settings.model, settings.data_dir),  # `toy` and `tiny` too
         device=torch.device("cuda" if on_gpu else "cpu"),
         dtype=resolve_dtype(settings.dtype, torch.device("cuda")),
         revision=settings.model_revision,

@@ -3,8 +3,8 @@
 Installed into `sys.modules["modal"]` (`install()`) before the app module is imported, in
 the control plane and in every emulated container. Declarations (`App.function`,
 `App.cls`, the decorators, `Image`, `Secret`, `Volume`) only record what the app asks
-for; client calls (`spawn`, `FunctionCall.get`, `Dict.put`, ...) go over the wire to the
-control plane (`rehearsal/control.py`), which holds the calls, inputs and Dicts.
+for; client calls (`spawn`, `FunctionCall.get`, `cancel`, ...) go over the wire to the
+control plane (`rehearsal/control.py`), which holds the calls and inputs.
 
 Only documented behaviour is emulated; each class says where it is documented. Options
 that matter only to Modal's scheduler or billing (cpu, memory, region, cloud, proxy, ...)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from rehearsal.fake_modal import exception
+from rehearsal.fake_modal import _common, exception
 from rehearsal.fake_modal._common import ENV_CONTAINER, ENV_STATE_DIR, ENV_WEB_URL, dumps, loads
 from rehearsal.fake_modal.functions import (
     App,
@@ -33,7 +33,7 @@ from rehearsal.fake_modal.functions import (
     exit,
     method,
 )
-from rehearsal.fake_modal.resources import Cron, Dict, Image, Period, Retries, Secret, Volume
+from rehearsal.fake_modal.resources import Cron, Image, Period, Retries, Secret, Volume
 
 __all__ = [
     "ENV_CONTAINER",
@@ -42,7 +42,6 @@ __all__ = [
     "App",
     "Cls",
     "Cron",
-    "Dict",
     "Function",
     "FunctionCall",
     "FunctionSpec",
@@ -66,8 +65,10 @@ __all__ = [
 ]
 
 
-def install() -> None:
-    """Make `import modal` (and `modal.exception`) give this package in this process."""
+def install(*, plane: bool = False) -> None:
+    """Make `import modal` (and `modal.exception`) give this package in this process;
+    `plane`: this is the control plane, in no image's container."""
+    _common._ROLE["plane"] = plane
     sys.modules["modal"] = sys.modules[__name__]
     sys.modules["modal.exception"] = exception
 

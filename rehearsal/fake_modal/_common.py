@@ -11,7 +11,13 @@ from typing import Any
 ENV_CONTAINER = "REHEARSAL_CONTAINER_ID"
 ENV_STATE_DIR = "REHEARSAL_STATE_DIR"
 ENV_WEB_URL = "REHEARSAL_WEB_URL"
-PICKLE_PROTOCOL = 4  # fixed, so a Dict key pickles to the same bytes in every process
+_ROLE = {"plane": False}  # set by `install(plane=True)` in the control plane
+PICKLE_PROTOCOL = 4  # fixed: every process of the rehearsal reads what any other wrote
+
+
+def in_control_plane() -> bool:
+    """Whether this process is the rehearsal's control plane (in no image's container)."""
+    return _ROLE["plane"]
 
 
 def dumps(value: Any) -> bytes:

@@ -1,4 +1,4 @@
-"""Schedules, retry policies, images, secrets, Volumes and Dicts of the stand-in `modal`."""
+"""Schedules, retry policies, images, secrets and Volumes of the stand-in `modal`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from rehearsal import wire
 from rehearsal.fake_modal import exception
-from rehearsal.fake_modal._common import ENV_STATE_DIR, api, dumps, loads
+from rehearsal.fake_modal._common import ENV_STATE_DIR, api, in_control_plane
+from rehearsal.images import nothing_new, read_requirements
 
 MIN_INPUT_RETRY_DELAY_MS = 1000  # modal/retries.py
-_NO_DEFAULT = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,40 +118,54 @@ def _retries(value: int | Retries | None) -> Retries | None:
 
 
 class Image:
-    """`modal.Image`: every builder method is a no-op returning the image.
+    """`modal.Image`: what it installs is recorded, nothing is built.
 
-    The rehearsal runs in this machine's environment, so nothing is built or installed,
-    and `.env(...)` is not applied either: containers inherit the rehearsal's environment,
-    which is the deploying machine's, so deploy-time knobs read from it agree.
+    The rehearsal runs on this machine's environment, so nothing is built or installed;
+    the packages an image declares (`pip_install`, `pip_install_from_requirements`,
+    `uv_pip_install`) and its local source (`add_local_python_source`) only limit what a
+    container of it may import (`rehearsal/images.py`). Builders the rehearsal cannot
+    read (commands, a pyproject, a registry base) make the image "this machine's
+    environment". `.env(...)` is not applied: containers inherit the rehearsal's
+    environment, which is the deploying machine's, so deploy-time knobs read from it
+    agree. As in Modal, each builder returns a new image.
+
     `imports()` runs its block; an exception inside is recorded, not raised, and raised
-    later only in a container of this very image (modal/_image.py, `imports`).
+    later only in a container of this very image (modal/_image.py, `imports`). In the
+    control plane, which is in no image's container, every import inside the block that
+    is not loaded yet fails, as it would in a container without the package.
     """
 
-    _BUILDERS = (
-        "add_local_dir",
-        "add_local_file",
-        "add_local_python_source",
-        "apt_install",
+    _NO_OPS = ("add_local_dir", "add_local_file", "apt_install", "entrypoint", "env", "workdir")
+    _UNREADABLE = (
         "dockerfile_commands",
-        "entrypoint",
-        "env",
-        "pip_install",
         "pip_install_from_pyproject",
-        "pip_install_from_requirements",
         "run_commands",
         "run_function",
-        "uv_pip_install",
         "uv_sync",
-        "workdir",
     )
 
-    def __init__(self, origin: str) -> None:
+    def __init__(
+        self,
+        origin: str,
+        *,
+        readable: bool = False,
+        requirements: tuple[str, ...] = (),
+        local_sources: tuple[str, ...] = (),
+    ) -> None:
         self.origin = origin
+        self.readable = readable  # every step so far says what it installs
+        self.requirements = requirements
+        self.local_sources = local_sources
         self.inside_exceptions: list[BaseException] = []
+
+    @property
+    def declares_packages(self) -> bool:
+        """Whether a container of it may import only what it installs."""
+        return self.readable and bool(self.requirements)
 
     @classmethod
     def debian_slim(cls, python_version: str | None = None, force_build: bool = False) -> Image:
-        return cls("debian_slim")
+        return cls("debian_slim", readable=True)
 
     @classmethod
     def from_registry(cls, tag: str, **_: Any) -> Image:
@@ -162,15 +175,51 @@ class Image:
     def micromamba(cls, python_version: str | None = None, force_build: bool = False) -> Image:
         return cls("micromamba")
 
+    def _then(
+        self,
+        *,
+        readable: bool = True,
+        requirements: list[str] | tuple[str, ...] = (),
+        local: tuple[str, ...] = (),
+    ) -> Image:
+        return Image(
+            self.origin,
+            readable=self.readable and readable,
+            requirements=(*self.requirements, *requirements),
+            local_sources=(*self.local_sources, *local),
+        )
+
+    def pip_install(self, *packages: str | list[str], **_: Any) -> Image:
+        return self._then(requirements=_flatten(packages))
+
+    def uv_pip_install(
+        self, *packages: str | list[str], requirements: list[str] | None = None, **_: Any
+    ) -> Image:
+        image = self._then(requirements=_flatten(packages))
+        for path in requirements or []:
+            image = image.pip_install_from_requirements(path)
+        return image
+
+    def pip_install_from_requirements(self, requirements_txt: str, **_: Any) -> Image:
+        found = read_requirements(Path(requirements_txt))
+        return self._then(requirements=[str(req) for req in found])
+
+    def add_local_python_source(self, *modules: str, **_: Any) -> Image:
+        return self._then(local=modules)
+
     def __getattr__(self, name: str) -> Callable[..., Image]:
-        if name not in self._BUILDERS:
-            raise AttributeError(f"'Image' object has no attribute {name!r}")
-        return lambda *args, **kwargs: self
+        if name in self._NO_OPS:
+            return lambda *args, **kwargs: self._then()
+        if name in self._UNREADABLE:
+            return lambda *args, **kwargs: self._then(readable=False)
+        raise AttributeError(f"'Image' object has no attribute {name!r}")
 
     @contextlib.contextmanager
     def imports(self) -> Iterator[None]:
+        hidden = nothing_new() if in_control_plane() else contextlib.nullcontext()
         try:
-            yield
+            with hidden:
+                yield
         except Exception as exc:
             self.inside_exceptions.append(exc)
             if not isinstance(exc, ImportError):
@@ -178,6 +227,10 @@ class Image:
                     f"Warning: caught a non-ImportError exception in an `imports()` block: {exc!r}",
                     stacklevel=3,
                 )
+
+
+def _flatten(packages: tuple[str | list[str], ...]) -> list[str]:
+    return [p for item in packages for p in ([item] if isinstance(item, str) else item)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,94 +305,3 @@ class Volume:
     @api
     def reload(self) -> None:
         """No-op: one folder on one disk."""
-
-
-class Dict:
-    """`modal.Dict`, held by the control plane (modal/dict.py; https://modal.com/docs/guide/dicts).
-
-    Values are pickled, so a container sees a copy; keys compare by their pickled bytes,
-    as on Modal's server. An entry expires 7 days after its last read or write
-    (dict.py: "An individual Dict entry will expire after 7 days of inactivity"): `get`,
-    `[]`, `put` and `[]=` touch an entry; `items`, `keys`, `values`, `contains` and `len`
-    do not (the docs do not say they do). Entries live as long as the rehearsal.
-    """
-
-    def __init__(self, name: str, create_if_missing: bool) -> None:
-        self.name = name
-        self._create = create_if_missing
-
-    @classmethod
-    def from_name(
-        cls,
-        name: str,
-        *,
-        environment_name: str | None = None,
-        create_if_missing: bool = False,
-        client: Any = None,
-    ) -> Dict:
-        return cls(name, create_if_missing)
-
-    def _call(self, op: str, *args: Any) -> Any:
-        return wire.current().modal("dict", self.name, self._create, op, *args)
-
-    @api
-    def get(self, key: Any, default: Any | None = None) -> Any:
-        found, value = self._call("get", dumps(key))
-        return loads(value) if found else default
-
-    @api
-    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool:
-        return bool(self._call("put", dumps(key), dumps(value), skip_if_exists))
-
-    @api
-    def pop(self, key: Any, default: Any = _NO_DEFAULT) -> Any:
-        found, value = self._call("pop", dumps(key))
-        if found:
-            return loads(value)
-        if default is _NO_DEFAULT:
-            raise KeyError(key)
-        return default
-
-    @api
-    def contains(self, key: Any) -> bool:
-        return bool(self._call("contains", dumps(key)))
-
-    @api
-    def len(self) -> int:
-        return int(self._call("len"))
-
-    @api
-    def clear(self) -> None:
-        self._call("clear")
-
-    @api
-    def update(self, other: Any = None, /, **kwargs: Any) -> None:
-        pairs = {**dict(other or {}), **kwargs}
-        self._call("update", [(dumps(k), dumps(v)) for k, v in pairs.items()])
-
-    @api
-    def items(self) -> Iterator[tuple[Any, Any]]:
-        return iter([(loads(k), loads(v)) for k, v in self._call("items")])
-
-    @api
-    def keys(self) -> Iterator[Any]:
-        return iter([key for key, _ in self.items()])
-
-    @api
-    def values(self) -> Iterator[Any]:
-        return iter([value for _, value in self.items()])
-
-    def __getitem__(self, key: Any) -> Any:
-        found, value = self._call("get", dumps(key))
-        if not found:
-            raise KeyError(key)
-        return loads(value)
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.put(key, value)
-
-    def __delitem__(self, key: Any) -> None:
-        self.pop(key)
-
-    def __contains__(self, key: Any) -> bool:
-        return bool(self.contains(key))
