@@ -53,11 +53,11 @@ lint: install
 test: install lint
 	$(BIN)/python -m magicmix.store.testing
 	scripts/install-browser.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 test-slow: install
 	$(BIN)/python -m magicmix.store.testing
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -n 2 -m slow
 
 # After changing dependencies: pin the Modal images to what is installed (and tested).
 lock: install

@@ -71,7 +71,7 @@ def receiver() -> Iterator[LoopbackServer]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path, allow_private_urls=True, webhook_timeout_s=0.3)
+    return Settings(data_dir=tmp_path, allow_private_urls=True, webhook_timeout_s=10)
 
 
 class World:
@@ -275,8 +275,10 @@ def test_410_stops_deliveries_and_a_4xx_is_retried(
 
 
 def test_receiver_down_or_slow_is_retried(
-    world: World, receiver: LoopbackServer, clock: Clock
+    tmp_path: Path, settings: Settings, receiver: LoopbackServer, clock: Clock
 ) -> None:
+    cut_off = settings.model_copy(update={"webhook_timeout_s": 0.3})  # the receiver holds 60 s
+    world = World(tmp_path / "db.sqlite3", cut_off, clock)
     down = world.ended_job(f"http://127.0.0.1:{free_port()}/hook")
     slow = world.ended_job(receiver.url("/slow"))
     watch = receiver.watch("/slow")
