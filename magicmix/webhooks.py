@@ -165,11 +165,7 @@ class WebhookSender:
         before returning; None when another sender recorded an attempt meanwhile."""
         assert job.webhook is not None and job.params.webhook  # nosec B101 - callers check
         url = job.params.webhook
-        try:
-            attempt = await self._attempt(job, url)
-        except Exception:  # a bug of ours costs this attempt, never the delivery loop
-            log.exception("webhook of job %s: the attempt failed", job.id)
-            attempt = Attempt(None, "internal error while sending", retry=True)
+        attempt = await self._attempt(job, url)
         now = self._clock()
         state = next_state(
             job.webhook,
