@@ -118,6 +118,11 @@ def _claimant_of(claims: Mapping[int, str]) -> ColumnElement[Any]:
 _ENDING = {"image": None, "lease_until": None}  # what every end drops
 
 
+def _ended(status: JobStatus, error: str, now: float) -> dict[str, Any]:
+    """The columns a bulk end sets (cancel_queued, release_lapsed, fail_unstarted)."""
+    return {"status": status.value, "error": error, "finished_at": now, **_ENDING}
+
+
 class SqlJobStore:
     """`store.base.JobStore` on a `Database` (SQLite or PostgreSQL)."""
 
@@ -314,7 +319,7 @@ class SqlJobStore:
             rows = connection.execute(
                 update(jobs)
                 .where(jobs.c.status == Q)
-                .values(status=JobStatus.CANCELLED.value, error=reason, finished_at=now, **_ENDING)
+                .values(_ended(JobStatus.CANCELLED, reason, now))
                 .returning(*_RECORD)
             ).all()
         return _records(rows)
@@ -333,7 +338,7 @@ class SqlJobStore:
             failed = connection.execute(
                 update(jobs)
                 .where(lapsed, jobs.c.run_attempts >= max_attempts)
-                .values(status=JobStatus.FAILED.value, error=message, finished_at=now, **_ENDING)
+                .values(_ended(JobStatus.FAILED, message, now))
                 .returning(*_RECORD)
             ).all()
         return _records(requeued), _records(failed)
@@ -343,7 +348,7 @@ class SqlJobStore:
             rows = connection.execute(
                 update(jobs)
                 .where(jobs.c.status == Q, jobs.c.created_at < created_before)
-                .values(status=JobStatus.FAILED.value, error=message, finished_at=now, **_ENDING)
+                .values(_ended(JobStatus.FAILED, message, now))
                 .returning(*_RECORD)
             ).all()
         return _records(rows)
