@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from magicmix.config import Settings
 from magicmix.jobs import (
     ACTIVE,
     Change,
@@ -117,6 +118,18 @@ class Lifecycle:
         self.notifiers = Notifiers(*([notifier] if notifier else []))
         self.leases = leases or Leases()
         self._clock = clock
+
+    @classmethod
+    def configured(
+        cls, store: JobStore, settings: Settings, *, notifier: Notifier | None = None
+    ) -> Lifecycle:
+        """The lifecycle a deployment runs: its configured queue limits and leases."""
+        return cls(
+            store,
+            QueueLimits(settings.max_queue, settings.max_queued_per_key),
+            notifier=notifier,
+            leases=Leases(lease_s=settings.lease_s, max_attempts=settings.max_run_attempts),
+        )
 
     # -- accepting --------------------------------------------------------------------
 

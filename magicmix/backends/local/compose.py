@@ -12,8 +12,7 @@ from magicmix.backends.local.worker import LocalWorker
 from magicmix.config import Settings
 from magicmix.families import resolve_family
 from magicmix.http.links import HttpLinks
-from magicmix.jobs import QueueLimits
-from magicmix.lifecycle import Leases, Lifecycle
+from magicmix.lifecycle import Lifecycle
 from magicmix.logs import configure_logging
 from magicmix.outputs.routing import OutputRouter
 from magicmix.outputs.store import open_store
@@ -25,14 +24,6 @@ from magicmix.sweep import Sweeper
 from magicmix.webhooks import WebhookDelivery, WebhookSender
 
 
-def queue_limits(settings: Settings) -> QueueLimits:
-    return QueueLimits(settings.max_queue, settings.max_queued_per_key)
-
-
-def leases(settings: Settings) -> Leases:
-    return Leases(lease_s=settings.lease_s, max_attempts=settings.max_run_attempts)
-
-
 def open_key_store(settings: Settings) -> SqlKeyStore:
     return open_stores(settings).keys
 
@@ -40,7 +31,7 @@ def open_key_store(settings: Settings) -> SqlKeyStore:
 def open_sweeper(settings: Settings) -> Sweeper:
     """The sweep over the configured stores, without a worker (for `magicmix cleanup`)."""
     stores = open_stores(settings)
-    lifecycle = Lifecycle(stores.jobs, queue_limits(settings), leases=leases(settings))
+    lifecycle = Lifecycle.configured(stores.jobs, settings)
     return Sweeper(lifecycle, open_store(settings), settings)
 
 
@@ -55,7 +46,7 @@ def build_local_service(settings: Settings) -> MagicMixService:
     """Everything `magicmix serve` runs, in this process."""
     configure_logging(settings.log_level)
     stores = open_stores(settings)
-    lifecycle = Lifecycle(stores.jobs, queue_limits(settings), leases=leases(settings))
+    lifecycle = Lifecycle.configured(stores.jobs, settings)
     family = resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
     links = HttpLinks(settings.public_url)
     outputs = OutputRouter.open(

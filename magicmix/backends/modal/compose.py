@@ -27,8 +27,8 @@ from magicmix.backends.modal.dispatch import GpuCalls, ModalDispatcher
 from magicmix.config import Settings
 from magicmix.families import ModelFamily, resolve_family
 from magicmix.http.links import HttpLinks
-from magicmix.jobs import JobRecord, QueueLimits
-from magicmix.lifecycle import Leases, Lifecycle
+from magicmix.jobs import JobRecord
+from magicmix.lifecycle import Lifecycle
 from magicmix.logs import configure_logging
 from magicmix.outputs.routing import OutputRouter
 from magicmix.runner import JobRunner
@@ -150,12 +150,7 @@ def modal_parts(
     configure_logging(settings.log_level)
     stores = open_stores(settings, pool=pool)
     nudges = WebhookNudges(spawn_webhooks)
-    lifecycle = Lifecycle(
-        stores.jobs,
-        QueueLimits(settings.max_queue, settings.max_queued_per_key),
-        notifier=nudges,
-        leases=Leases(lease_s=settings.lease_s, max_attempts=settings.max_run_attempts),
-    )
+    lifecycle = Lifecycle.configured(stores.jobs, settings, notifier=nudges)
     links = HttpLinks(settings.public_url)
     return ModalParts(
         settings=settings,
