@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 
-
 class JobStatus(StrEnum):
     QUEUED = "queued"
     PROCESSING = "processing"
