@@ -92,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     fake_modal.install(plane=True)  # in no image's container: the images' imports fail here
     module = importlib.import_module(args.app)
-    app = next(v for v in vars(module).values() if isinstance(v, fake_modal.App))
+    app = fake_modal.app_of(module)
     options = Options(
         app_module=args.app,
-        state_dir=state_dir,
-        web_url=web_url,
         gpus=args.gpus,
         crash_gpu_every=args.crash_gpu_every,
         sweep_every=args.sweep_every,

@@ -80,8 +80,7 @@ def load(module_name: str, tag: str) -> UserCode:
     except Exception as exc:
         traceback.print_exc()
         raise StartFailed(f"importing {module_name} failed: {exc!r}") from exc
-    app = next(v for v in vars(module).values() if isinstance(v, fake_modal.App))
-    spec = app.specs[tag]
+    spec = fake_modal.app_of(module).specs[tag]
     if spec.image.inside_exceptions:  # raised in a container of that image only
         error = spec.image.inside_exceptions[0]
         traceback.print_exception(error)
@@ -111,7 +110,6 @@ class Container:
     def __init__(self, link: wire.Wire, code: UserCode, stats: hooks.Stats) -> None:
         self.link = link
         self.spec = code.spec
-        self.code = code
         self.instance = code.instance
         self.stats = stats
         self.loop = asyncio.new_event_loop()

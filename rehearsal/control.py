@@ -366,8 +366,7 @@ class ControlPlane:
             batch.timer = threading.Timer(service.spec.timeout, self._timed_out, (batch,))
             batch.timer.daemon = True
             batch.timer.start()
-            self.counters["batches"] += 1
-            self.per_function[batch.container.tag]["batches"] += 1
+            self._count(batch.container.tag, "batches")
             self.per_function[batch.container.tag]["batch_inputs"] += len(batch.inputs)
             every = self.options.crash_gpu_every
             if batch.container.gpu and every:
@@ -418,6 +417,11 @@ class ControlPlane:
             raise exception.InvalidError("only a container may call this")
         return peer.container
 
+    def _count(self, tag: str, name: str) -> None:
+        """One more `name`, in the totals and in `tag`'s own counters (under the lock)."""
+        self.counters[name] += 1
+        self.per_function[tag][name] += 1
+
     def _end_batch(self, batch: Batch, *, completed: bool = False) -> None:
         """No more outcome from it; a completed one's duration times the next crash."""
         batch.finished = True
@@ -442,8 +446,7 @@ class ControlPlane:
             return
         item.retries += 1
         item.state, item.batch = "waiting_retry", None
-        self.counters["retries"] += 1
-        self.per_function[item.tag]["retries"] += 1
+        self._count(item.tag, "retries")
         timer = threading.Timer(policy.delay_s(item.retries), self._retry, (item,))
         timer.daemon = True
         timer.start()
@@ -465,8 +468,7 @@ class ControlPlane:
             self._end_batch(batch)
             self._batches.pop(batch.id, None)
             timeout = self._services[batch.container.tag].spec.timeout
-            self.counters["timeouts"] += 1
-            self.per_function[batch.container.tag]["timeouts"] += 1
+            self._count(batch.container.tag, "timeouts")
             batch.container.kill_reason = "timeout"
             message = f"Function execution timed out after {timeout:g} s"
             for item in batch.inputs:
@@ -542,9 +544,8 @@ class ControlPlane:
             container.proc = subprocess.Popen(  # a terminal's Ctrl-C is for the plane alone
                 command, env={**env, ENV_CONTAINER: container.id}, process_group=0
             )
-        self.counters["containers_started"] += 1
+        self._count(spec.tag, "containers_started")
         stats = self.per_function[spec.tag]
-        stats["containers_started"] += 1
         stats["peak_containers"] = max(stats["peak_containers"], len(service.alive))
         self._spawn_thread(lambda: self._watch(container), f"watch-{container.id}")
         return container
@@ -556,17 +557,14 @@ class ControlPlane:
         env.update({k: v for k, v in spec.env.items() if v is not None})
         for key in [k for k, v in spec.env.items() if v is None]:
             env.pop(key, None)
-        env.update(
+        env.update(  # the state dir and web URL come with os.environ: the CLI set them there
             {
-                fake_modal.ENV_STATE_DIR: str(self.options.state_dir),
                 wire.ENV_ADDRESS: self.address,
                 wire.ENV_AUTHKEY: self.authkey_hex,
                 wire.ENV_LATENCY_MS: str(self.options.latency_ms),
                 images.ENV_REFUSED: self._refused_imports(spec.image),
             }
         )
-        if self.options.web_url:
-            env[fake_modal.ENV_WEB_URL] = self.options.web_url
         return env
 
     def _refused_imports(self, image: fake_modal.Image) -> str:
@@ -602,8 +600,7 @@ class ControlPlane:
                 self._end_batch(batch)
                 self._batches.pop(batch.id, None)
                 if container.kill_reason is None:
-                    self.counters["crashes"] += 1
-                    stats["crashes"] += 1
+                    self._count(container.tag, "crashes")
                 for item in reversed(batch.inputs):  # to the front, in their order
                     if item.state == "running":  # rescheduled, no retry spent
                         item.state, item.batch = "queued", None
@@ -628,8 +625,7 @@ class ControlPlane:
                     service.backoff_s,
                 )
             elif batch is None and code != 0 and not (container.kill_reason or stopping):
-                self.counters["crashes"] += 1  # died while idle
-                stats["crashes"] += 1
+                self._count(container.tag, "crashes")  # died while idle
             service.cv.notify_all()
             self._scale(service)
 

@@ -33,9 +33,9 @@ class Stats:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
 
-    def add(self, name: str, n: int = 1) -> None:
+    def add(self, name: str) -> None:
         with self._lock:
-            self._counts[name] += n
+            self._counts[name] += 1
 
     def take(self) -> dict[str, int]:
         with self._lock:

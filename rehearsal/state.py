@@ -7,7 +7,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rehearsal.fake_modal import FunctionSpec
@@ -32,13 +31,11 @@ class Options:
     """The CLI's flags, as the control plane uses them."""
 
     app_module: str
-    state_dir: Path
-    web_url: str | None = None
-    gpus: int | None = None
-    crash_gpu_every: int | None = None
-    sweep_every: float | None = None
-    latency_ms: float = 0.0
-    default_max_containers: int = 8  # for functions that set none (one machine, not Modal)
+    gpus: int | None
+    crash_gpu_every: int | None
+    sweep_every: float | None
+    latency_ms: float
+    default_max_containers: int  # for functions that set none (one machine, not Modal)
 
 
 @dataclass(eq=False)

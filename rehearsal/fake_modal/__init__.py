@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import ModuleType
 
 from rehearsal.fake_modal import _common, exception
 from rehearsal.fake_modal._common import ENV_CONTAINER, ENV_STATE_DIR, ENV_WEB_URL, dumps, loads
@@ -51,6 +52,7 @@ __all__ = [
     "Retries",
     "Secret",
     "Volume",
+    "app_of",
     "asgi_app",
     "batched",
     "concurrent",
@@ -71,6 +73,11 @@ def install(*, plane: bool = False) -> None:
     _common._ROLE["plane"] = plane
     sys.modules["modal"] = sys.modules[__name__]
     sys.modules["modal.exception"] = exception
+
+
+def app_of(module: ModuleType) -> App:
+    """The `modal.App` an app module declares."""
+    return next(v for v in vars(module).values() if isinstance(v, App))
 
 
 def is_local() -> bool:

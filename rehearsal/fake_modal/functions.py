@@ -4,7 +4,6 @@ what `spawn`, `remote` and `FunctionCall` send to the control plane."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -124,7 +123,6 @@ class FunctionSpec:
     """One deployed function or class, as the app declared it."""
 
     tag: str
-    app_name: str
     image: Image
     secrets: list[Secret]
     env: dict[str, str | None]
@@ -149,10 +147,6 @@ class FunctionSpec:
         if exit:
             return [name for name, pf in self.methods.items() if pf.exit]
         return [name for name, pf in self.methods.items() if pf.enter_snap is snap]
-
-    def is_async(self, method: str | None) -> bool:
-        fn = self.methods[method].raw_f if method else self.raw_f
-        return inspect.iscoroutinefunction(fn)
 
 
 class FunctionCall:
@@ -284,7 +278,6 @@ class App:
         self.secrets = list(secrets or [])
         self.volumes = dict(volumes or {})
         self.specs: dict[str, FunctionSpec] = {}
-        self.entrypoints: dict[str, Callable[..., Any]] = {}
 
     def _spec(self, tag: str, options: dict[str, Any]) -> FunctionSpec:
         unknown = set(options) - IGNORED_OPTIONS - _EMULATED_OPTIONS
@@ -299,7 +292,6 @@ class App:
             )
         spec = FunctionSpec(
             tag=options.get("name") or tag,
-            app_name=self.name,
             image=options.get("image") or self.image,
             secrets=secrets,
             env=env,
@@ -349,11 +341,7 @@ class App:
         return wrap
 
     def local_entrypoint(self, *, name: str | None = None) -> Callable[[Any], Any]:
-        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.entrypoints[name or fn.__name__] = fn
-            return fn
-
-        return wrap
+        return lambda fn: fn  # the rehearsal runs deployed functions, not entrypoints
 
 
 _EMULATED_OPTIONS = frozenset(
