@@ -143,8 +143,6 @@ async def on_http_error(request: Request, err: Exception) -> JSONResponse:
         return error_response(cause)
     if err.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8)
         return error_response(InvalidInput(f"invalid input: body: {err.detail}", field="body"))
-    if err.status_code == 404:
-        return error_response(NotFound(str(err.detail)))
     return error_response(
         FrameworkError(str(err.detail), status=err.status_code), headers=err.headers
     )
