@@ -100,7 +100,11 @@ class MagicMixService:
         await asyncio.to_thread(self.dispatcher.stop)
 
     def authenticate(self, key: str, *, admin: bool = False) -> Principal:
-        principal = self.keys.authenticate(key)
+        return self.authorize(self.keys.authenticate(key), admin=admin)
+
+    @staticmethod
+    def authorize(principal: Principal, *, admin: bool = False) -> Principal:
+        """`principal`, if it may use a route (an admin route needs an admin key)."""
         if admin and not principal.admin:
             raise Forbidden("this route needs an admin key (magicmix keys create --admin)")
         return principal

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import pytest
-from starlette.types import Message
+from starlette.types import Message, Receive, Scope, Send
 
 from magicmix import errors
 from magicmix.errors import Busy, MagicMixError, NotSupported, PayloadTooLarge
@@ -52,7 +52,20 @@ async def answer_of(err: MagicMixError) -> tuple[int, dict[str, str], dict[str, 
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await middleware._answer(send, err)
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def never_reached(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("the guard let a refused request through")
+
+    async def refuse(scope: Scope, receive: Receive) -> bytes:
+        raise err
+
+    guard = middleware.BodyGuard(
+        never_reached, max_bytes=100, timeout_s=1.0, max_containers=10, authenticate=str
+    )
+    guard._read = refuse  # type: ignore[method-assign]  # the body read refuses with `err`
+    await guard({"type": "http", "method": "POST", "headers": []}, receive, send)
     start, body = sent
     headers = {k.decode(): v.decode() for k, v in start["headers"]}
     return start["status"], headers, json.loads(body["body"])

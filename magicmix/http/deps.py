@@ -38,7 +38,11 @@ class Keyed(Generic[Body]):
 def keyed(model: type[Body], *, admin: bool = False) -> Any:
     """A dependency parsing `model` as the body and authenticating its key (admin if asked)."""
 
-    async def dependency(body: model, service: ServiceDep) -> Keyed[Body]:  # type: ignore[valid-type]
+    async def dependency(body: model, service: ServiceDep, request: Request) -> Keyed[Body]:  # type: ignore[valid-type]
+        # `BodyGuard` authenticated this very key (read from the same bytes) before parsing
+        checked = getattr(request.state, "principal", None)
+        if isinstance(checked, Principal):
+            return Keyed(body, service.authorize(checked, admin=admin))
         key = cast(KeyIn, body).key
         principal = await run_in_threadpool(service.authenticate, key, admin=admin)
         return Keyed(body, principal)

@@ -103,13 +103,16 @@ class BodyGuard:
             return
         try:
             body = await self._read(scope, receive)
-            await self._check(body)
-        except MagicMixError as err:
-            await _answer(send, err)
+            principal = await self._check(body)
+        except MagicMixError as err:  # answered as the app's handlers would, before it runs
+            await error_response(err)(scope, receive, send)
             return
         except TimeoutError:
-            await _answer(send, BodyTimeout(f"the body did not arrive within {self.timeout_s:g} s"))
+            late = BodyTimeout(f"the body did not arrive within {self.timeout_s:g} s")
+            await error_response(late)(scope, receive, send)
             return
+        if principal is not None:  # the route's key check reuses it (`http.deps.keyed`)
+            scope.setdefault("state", {})["principal"] = principal
         replayed = False
 
         async def replay() -> Message:
@@ -138,10 +141,13 @@ class BodyGuard:
             if not message.get("more_body", False):
                 return bytes(body)
 
-    async def _check(self, body: bytes) -> None:
+    async def _check(self, body: bytes) -> object | None:
+        """The body's key authenticated (None: the key store could not say, so the route
+        will ask again); refusals raised."""
         key = plain_key(body)
+        principal = None
         try:
-            await run_in_threadpool(self.authenticate, key)
+            principal = await run_in_threadpool(self.authenticate, key)
         except Unauthorized:
             raise
         except MagicMixError:  # e.g. the key store is busy: let the route decide
@@ -153,19 +159,7 @@ class BodyGuard:
                 f" {self.max_containers} are accepted",
                 field="body",
             )
-
-
-async def _answer(send: Send, err: MagicMixError) -> None:
-    """Reply to `err` as the app's handlers would (`http.errors`), before the app runs."""
-    response = error_response(err)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": response.raw_headers,
-        }
-    )
-    await send({"type": "http.response.body", "body": response.body})
+        return principal
 
 
 class SecurityHeaders:
