@@ -58,10 +58,6 @@ class PoolSize:
     overflow: int = 10
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
 def parse_url(url: str) -> URL:
     """`postgresql://…` (or `postgres://`) and `sqlite:///path`, with the drivers we ship."""
     try:
