@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from magicmix.capacity import queue_limit, seconds_per_image
-from magicmix.families import ModelFamily, family_named, guess_family
+from magicmix.families import ModelFamily, family_named, guess_family, resolve_family
 
 # Standard Webhooks' recommended schedule, as offsets in seconds after the job ended.
 WEBHOOK_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
@@ -159,6 +159,11 @@ class Settings(BaseSettings):
         if self.model_family == "auto":
             return guess_family(self.model)
         return family_named(self.model_family)
+
+    def resolved_family(self) -> ModelFamily:
+        """The configured model's family: as configured, else read from its folder or the
+        hub cache at its revision, else guessed from its name (no torch)."""
+        return resolve_family(self.model, self.model_family, revision=self.model_revision)
 
     @property
     def static_api_keys(self) -> list[str]:

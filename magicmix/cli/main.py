@@ -15,7 +15,6 @@ from magicmix.cli.options import (
     failure,
     mix_params,
     mix_request,
-    model_family,
     option,
 )
 from magicmix.cli.plan import plan_command
@@ -67,7 +66,7 @@ def mix(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        request = mix_request(image, params, model_family(settings), settings)
+        request = mix_request(image, params, settings.resolved_family(), settings)
         from magicmix.engine.configure import load_engine
 
         (result,) = load_engine(settings).mix([request], progress=True)

@@ -8,7 +8,7 @@ import typer
 
 from magicmix.config import Settings
 from magicmix.errors import MagicMixError
-from magicmix.families import ModelFamily, resolve_family
+from magicmix.families import ModelFamily
 from magicmix.request import ENGINE_FIELDS, MixParams, MixRequest, describe, validated
 
 
@@ -26,11 +26,6 @@ def failure(err: MagicMixError) -> typer.Exit:
 def option(name: str, **extra: Any) -> Any:
     """A typer option whose help text is the request field's own description."""
     return typer.Option(help=describe(name), **extra)
-
-
-def model_family(settings: Settings) -> ModelFamily:
-    """The configured model's family, read from its folder or the hub cache (no torch)."""
-    return resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
 
 
 def mix_request(

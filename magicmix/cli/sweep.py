@@ -26,7 +26,6 @@ from magicmix.cli.options import (
     failure,
     mix_params,
     mix_request,
-    model_family,
     option,
 )
 from magicmix.config import get_settings
@@ -249,7 +248,7 @@ def sweep_command(
             guidance_scale=guidance_scale,
             seed=seed,
         )
-        family = model_family(settings)
+        family = settings.resolved_family()
         base = mix_request(image, params, family, settings)
         for request in plan.requests(base):  # refuse a bad cell before loading the model
             validate_request(request, vae_scale_factor=family.latent_factor)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from magicmix.backends.local.worker import LocalWorker
 from magicmix.config import Settings
-from magicmix.families import resolve_family
 from magicmix.http.links import HttpLinks
 from magicmix.lifecycle import Lifecycle
 from magicmix.logs import configure_logging
@@ -47,7 +46,7 @@ def build_local_service(settings: Settings) -> MagicMixService:
     configure_logging(settings.log_level)
     stores = open_stores(settings)
     lifecycle = Lifecycle.configured(stores.jobs, settings)
-    family = resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
+    family = settings.resolved_family()
     links = HttpLinks(settings.public_url)
     outputs = OutputRouter.open(
         settings, details=stores.keys, box=stores.box, service_url=links.output

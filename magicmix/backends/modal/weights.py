@@ -7,7 +7,6 @@ import logging
 from huggingface_hub import snapshot_download
 
 from magicmix.config import Settings
-from magicmix.families import resolve_family
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +14,7 @@ log = logging.getLogger(__name__)
 def download_weights(settings: Settings) -> str:
     """Fill the Hugging Face cache (the Volume) for `MAGICMIX_MODEL` at its revision, with
     the files its family reads (`ModelFamily.hub_files`)."""
-    family = resolve_family(settings.model, settings.model_family, revision=settings.model_revision)
+    family = settings.resolved_family()
     path = snapshot_download(
         settings.model, revision=settings.model_revision, allow_patterns=list(family.hub_files)
     )
