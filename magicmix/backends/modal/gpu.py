@@ -39,7 +39,8 @@ class GpuWorker:
         with their webhooks, instead of waiting for a sweep.
         """
         lifecycle = self.parts.lifecycle
-        claims = dict(parse_job_input(value) for value in inputs)
+        parsed = [parse_job_input(value) for value in inputs]
+        claims = dict(parsed)
         with self.parts.nudges.batch():
             jobs = lifecycle.claim(claims)
             try:
@@ -49,7 +50,7 @@ class GpuWorker:
             except BaseException:  # modal's InputCancellation is a BaseException
                 self._give_back(jobs)
                 raise
-        return [_status(self.parts, job_id) for job_id in (parse_job_input(v)[0] for v in inputs)]
+        return [_status(self.parts, job_id) for job_id, _ in parsed]
 
     def _give_back(self, jobs: list[JobRecord]) -> None:
         lifecycle = self.parts.lifecycle
