@@ -256,6 +256,11 @@ class WebhookDelivery:
         self._fatal: BaseException | None = None  # not an error: the process is going down
         self.attempts = 0
 
+    @classmethod
+    def over(cls, jobs: JobStore, keys: KeyStore, settings: Settings) -> WebhookDelivery:
+        """The delivery loop over a deployment's stores, sending with its own sender."""
+        return cls(WebhookSender(jobs, keys, settings), jobs, settings)
+
     def ended(self, jobs: Sequence[JobRecord]) -> None:
         """The lifecycle's `Notifier`: jobs with a webhook just ended."""
         if any(job.webhook is not None for job in jobs):

@@ -20,7 +20,7 @@ from magicmix.service import MagicMixService
 from magicmix.store.keys import SqlKeyStore
 from magicmix.store.stores import open_stores
 from magicmix.sweep import Sweeper
-from magicmix.webhooks import WebhookDelivery, WebhookSender
+from magicmix.webhooks import WebhookDelivery
 
 
 def open_key_store(settings: Settings) -> SqlKeyStore:
@@ -60,9 +60,7 @@ def build_local_service(settings: Settings) -> MagicMixService:
         batch_size=settings.batch_size,
         batch_wait_s=settings.batch_wait_ms / 1000,
     )
-    delivery = WebhookDelivery(
-        WebhookSender(stores.jobs, stores.keys, settings), stores.jobs, settings
-    )
+    delivery = WebhookDelivery.over(stores.jobs, stores.keys, settings)
     lifecycle.notifiers.add(delivery)
     service = MagicMixService(
         settings=settings,

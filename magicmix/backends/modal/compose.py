@@ -36,7 +36,7 @@ from magicmix.service import MagicMixService
 from magicmix.store.database import PoolSize
 from magicmix.store.stores import Stores, open_stores
 from magicmix.sweep import Sweeper, SweepReport
-from magicmix.webhooks import WebhookDelivery, WebhookSender
+from magicmix.webhooks import WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ class WebhookNudges:
             return
         with self._lock:
             self._owed = True
-            if self._held:
-                return
-        self._flush()
+        self._flush()  # unless inside a `batch()` block, which flushes at its end
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -197,8 +195,7 @@ def job_runner(parts: ModalParts) -> JobRunner:
 
 
 def delivery(parts: ModalParts) -> WebhookDelivery:
-    sender = WebhookSender(parts.stores.jobs, parts.stores.keys, parts.settings)
-    return WebhookDelivery(sender, parts.stores.jobs, parts.settings)
+    return WebhookDelivery.over(parts.stores.jobs, parts.stores.keys, parts.settings)
 
 
 async def deliver_webhooks(parts: ModalParts) -> int:
