@@ -221,12 +221,12 @@ class MixRequest:
     @property
     def run_steps(self) -> int:
         """UNet evaluations: the last `int(kmax * steps)` timesteps of the schedule."""
-        return int(self.kmax * self.steps)
+        return schedule_steps(self.steps, self.kmin, self.kmax)[0]
 
     @property
     def layout_steps(self) -> int:
         """How many of the run steps mix in the noised layout latents."""
-        return self.run_steps - int(self.kmin * self.steps)
+        return schedule_steps(self.steps, self.kmin, self.kmax)[1]
 
     def batch_key(self) -> tuple[int, int, int, int, int]:
         """Requests with equal keys share every timestep and can share one UNet batch."""
@@ -237,8 +237,14 @@ def batch_key(
     width: int, height: int, steps: int, kmin: float, kmax: float
 ) -> tuple[int, int, int, int, int]:
     """(size, steps, run steps, layout steps): what jobs must share to share UNet batches."""
-    run_steps = int(kmax * steps)
-    return (width, height, steps, run_steps, run_steps - int(kmin * steps))
+    return (width, height, steps, *schedule_steps(steps, kmin, kmax))
+
+
+def schedule_steps(steps: int, kmin: float, kmax: float) -> tuple[int, int]:
+    """(run steps, layout steps): the UNet runs the last `int(kmax * steps)` timesteps, and
+    all but the last `int(kmin * steps)` of them mix in the noised layout latents."""
+    run = int(kmax * steps)
+    return run, run - int(kmin * steps)
 
 
 ENGINE_FIELDS = frozenset(MixRequest.__dataclass_fields__) - {"image"}

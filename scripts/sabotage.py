@@ -88,14 +88,14 @@ SABOTAGES = (
     Sabotage(
         "no content phase (kmin ignored)",
         REQUEST,
-        "return self.run_steps - int(self.kmin * self.steps)",
-        "return self.run_steps",
+        "return run, run - int(kmin * steps)",
+        "return run, run",
     ),
     Sabotage(
         "no layout phase",
         REQUEST,
-        "return self.run_steps - int(self.kmin * self.steps)",
-        "return 0",
+        "return run, run - int(kmin * steps)",
+        "return run, 0",
     ),
 )
 
