@@ -70,7 +70,6 @@ class FlatEngine:
 
 @dataclass
 class World:
-    database: Database
     store: JobStore
     keys: KeyStore
     lifecycle: Lifecycle
@@ -90,6 +89,14 @@ class World:
     def run(self, jobs: list[JobRecord]) -> list[JobRecord]:
         """The runner alone (a worker also renews its claims; races here are faster)."""
         return self.runner.run(self.engine, jobs)
+
+    def drain(self, size: int, claimant: str) -> int:
+        """A worker's loop: claim batches of `size` and run them until none is queued;
+        how many jobs ended."""
+        ended = 0
+        while batch := self.lifecycle.claim_next(size, claimant):
+            ended += len(self.run(batch))
+        return ended
 
     def outputs_of(self, job_id: int) -> list[str]:
         return sorted(p.name for p in self.outputs.directory.glob(f"{job_id}-*.png"))
@@ -207,9 +214,7 @@ def make_world(
         service_url=HttpLinks("http://127.0.0.1:8000").output,
     )
     runner = JobRunner(settings=settings, lifecycle=lifecycle, outputs=router)
-    world = World(
-        database, store, keys, lifecycle, outputs, runner, keys.authenticate(OPERATOR).key_id
-    )
+    world = World(store, keys, lifecycle, outputs, runner, keys.authenticate(OPERATOR).key_id)
     lifecycle.notifiers.add(_Recorder(world))
     return world
 

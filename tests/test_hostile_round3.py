@@ -5,8 +5,8 @@ Numbered as in the issue (#22). Loopback only; waits are on events, not on the c
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import functools
 import gzip
 import io
 import random
@@ -21,11 +21,11 @@ from PIL import Image, ImageCms, PngImagePlugin
 
 from magicmix.config import Settings
 from magicmix.errors import InvalidInput, PayloadTooLarge
-from magicmix.inputs.fetch import fetch_image_bytes
 from magicmix.inputs.images import decode_image, png_bytes
 from magicmix.webhooks import MAX_RETRY_AFTER_S, _retry_after_s
 from tests.http_fixtures import Handler, LoopbackServer, respond
 from tests.service_fixtures import RunningService
+from tests.test_fetch import fetch
 from tests.test_jobs import Clock
 from tests.test_webhooks import World
 
@@ -158,9 +158,10 @@ def encoded(body: bytes, coding: str) -> Handler:
 
 @pytest.fixture(scope="module")
 def bombs() -> Iterator[LoopbackServer]:
+    bomb = zeros_gzip(64)  # 64 KB -> 64 MB
     with LoopbackServer() as server:
-        server.route("/bomb.gz", encoded(zeros_gzip(64), "gzip"))  # 64 KB -> 64 MB
-        server.route("/nested.gz", encoded(gzip.compress(zeros_gzip(64)), "gzip, gzip"))
+        server.route("/bomb.gz", encoded(bomb, "gzip"))
+        server.route("/nested.gz", encoded(gzip.compress(bomb), "gzip, gzip"))
         server.route("/plain", respond(200, IMAGE, {"Content-Type": "image/png"}))
         server.route("/image.gz", encoded(gzip.compress(IMAGE), "gzip"))
         server.route("/image.xgz", encoded(gzip.compress(IMAGE), "x-gzip"))
@@ -180,10 +181,6 @@ def bombs() -> Iterator[LoopbackServer]:
 @pytest.fixture
 def bomb_settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path, allow_private_urls=True, max_image_bytes=BOMB_LIMIT)
-
-
-def fetch(url: str, settings: Settings) -> bytes:
-    return asyncio.run(fetch_image_bytes(url, settings))
 
 
 def peak_bytes_of(url: str, settings: Settings) -> tuple[int, Exception | None]:
@@ -342,6 +339,7 @@ def test_3_a_png_chunk_pil_will_not_inflate_is_refused_with_a_clear_message(kind
         layout_of(big_chunks_png(kind))
 
 
+@functools.cache
 def variants() -> dict[str, bytes]:
     """The inputs that were accepted, then failed their jobs; and their neighbours."""
     return {

@@ -60,8 +60,7 @@ def send_webhooks(world: World, now: float = 1e12) -> None:
 def recover(world: World) -> None:
     """What every deployment does after a crash: the sweep, a worker, the sender."""
     world.lifecycle.release_lapsed()
-    while batch := world.lifecycle.claim_next(4, "restarted"):
-        world.run(batch)
+    world.drain(4, "restarted")
     send_webhooks(world, 1e12 + LATER)
 
 

@@ -33,7 +33,7 @@ from magicmix.sweep import Sweeper
 from magicmix.webhooks import WebhookDelivery, WebhookSender
 from tests.http_fixtures import LoopbackServer, respond
 from tests.lifecycle_harness import World, make_world
-from tests.test_jobs import params
+from tests.test_jobs import claim, lease, params
 
 
 @pytest.fixture(params=[10, pytest.param(100, marks=pytest.mark.slow)], ids=["10", "100"])
@@ -86,20 +86,13 @@ def race(*writers: Callable[[], object]) -> list[object]:
     return results
 
 
-def drain(world: World) -> None:
-    """What a worker does after the race: run whatever is still queued."""
-    while batch := world.lifecycle.claim_next(8, "drainer"):
-        world.run(batch)
-
-
 def owed_webhooks(world: World) -> list[int]:
-    due = world.store.lease_webhooks(now=1e12, lease_until=1e12 + 1, limit=10_000)
-    return sorted(job.id for job in due)
+    return sorted(lease(world.store, 1e12, 10_000))
 
 
 def check(world: World, jobs: list[JobRecord]) -> dict[JobStatus, int]:
     """Every job ended exactly once, owes one webhook, and has an output iff it succeeded."""
-    drain(world)
+    world.drain(8, "drainer")  # what a worker does after the race
     ended_ids = [job.id for job in world.ended]
     assert sorted(ended_ids) == sorted(job.id for job in jobs), "one won end per job"
     assert owed_webhooks(world) == sorted(job.id for job in jobs), "one webhook per job"
@@ -113,11 +106,6 @@ def check(world: World, jobs: list[JobRecord]) -> dict[JobStatus, int]:
     return tally
 
 
-def claim_one(world: World, job_id: int, claimant: str) -> JobRecord | None:
-    claimed = world.lifecycle.claim({job_id: claimant})
-    return claimed[0] if claimed else None
-
-
 def test_cancel_vs_claim_and_run(database_url: str, tmp_path: Path, rounds: int) -> None:
     world = world_for(database_url, tmp_path)
     jobs = []
@@ -126,7 +114,7 @@ def test_cancel_vs_claim_and_run(database_url: str, tmp_path: Path, rounds: int)
         jobs.append(job)
 
         def run_it(job: JobRecord = job) -> None:
-            claimed = claim_one(world, job.id, "gpu-1")
+            claimed = claim(world.lifecycle, job.id, "gpu-1")
             if claimed is not None:
                 world.run([claimed])
 
@@ -177,7 +165,7 @@ def test_two_gpu_inputs_claim_one_job(database_url: str, tmp_path: Path, rounds:
         jobs.append(job)
 
         def container(token: str, job: JobRecord = job) -> int:
-            claimed = claim_one(world, job.id, token)
+            claimed = claim(world.lifecycle, job.id, token)
             if claimed is None:
                 return 0
             world.run([claimed])
@@ -192,7 +180,7 @@ def test_finish_vs_lease_expiry(database_url: str, tmp_path: Path, rounds: int) 
     world = world_for(database_url, tmp_path, leases=LAPSED)
     jobs = []
     for _ in range(rounds):
-        claimed = claim_one(world, world.create().id, "gpu")
+        claimed = claim(world.lifecycle, world.create().id, "gpu")
         assert claimed is not None
         jobs.append(claimed)
         race(lambda claimed=claimed: world.run([claimed]), world.lifecycle.release_lapsed)
@@ -218,10 +206,10 @@ def test_two_resends_of_one_idempotency_key_make_one_job(
         key = Idempotency(f"client-key-{round_}", "fingerprint")
 
         def resend(key: Idempotency = key) -> int | None:
-            claim = world.lifecycle.begin_idempotent(world.key_id, key)
-            if not claim.owned:
+            held = world.lifecycle.begin_idempotent(world.key_id, key)
+            if not held.owned:
                 return None
-            return world.lifecycle.create(world.key_id, params(seed=1), b"x", idempotency=claim).id
+            return world.lifecycle.create(world.key_id, params(seed=1), b"x", idempotency=held).id
 
         made = [job_id for job_id in race(resend, resend) if job_id is not None]
         assert len(made) == 1, "one job per key"
@@ -261,12 +249,12 @@ def test_two_sweeps_release_each_lapsed_claim_once(database_url: str, tmp_path: 
     settings = Settings(data_dir=tmp_path, allow_private_urls=True)
     outputs = LocalStore(tmp_path / "outputs")
     for _ in range(5):
-        claimed = [claim_one(world, world.create().id, "dead") for _ in range(4)]
+        claimed = [claim(world.lifecycle, world.create().id, "dead") for _ in range(4)]
         sweeps = [Sweeper(world.lifecycle, outputs, settings) for _ in range(2)]
         reports = race(*(lambda s=s: asyncio.run(s.run_once()) for s in sweeps))
         requeued = [i for report in reports for i in report.requeued]  # type: ignore[attr-defined]
         assert sorted(requeued) == sorted(job.id for job in claimed if job), "released once"
-        drain(world)
+        world.drain(8, "drainer")
 
 
 # -- across processes --------------------------------------------------------------------
@@ -283,7 +271,7 @@ def _process_worker(
             won += [job.id for job in world.lifecycle.cancel_queued()]
     else:
         for job_id in job_ids:
-            claimed = claim_one(world, job_id, role)
+            claimed = claim(world.lifecycle, job_id, role)
             if claimed is not None:
                 won += [job.id for job in world.run([claimed])]
     results.put((role, won))  # type: ignore[attr-defined]

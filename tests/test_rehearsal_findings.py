@@ -6,7 +6,7 @@ knobs and flags its scenario needs, and drives it as a client would: HTTP throug
 rehearsed web function, Modal calls from outside, the database as an operator sees it.
 Every one of them failed on the previous release (Modal state in Dicts); docs/rehearsal.md
 says how. Each starts its own rehearsal (a GPU snapshot loads torch once), so they are
-`slow`; the check on every landing is tests/test_rehearsal_burst.py.
+`slow`; the check on every landing is tests/test_rehearse.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The bucket is the loopback moto server, the database the session's PostgreSQL, t
 model the tiny one, keys static (`MAGICMIX_API_KEYS`). Everything Modal would do
 (containers, batches, snapshots) is the rehearsal's emulation; see
 tests/test_rehearsal_runtime.py for it, tests/test_rehearsal_findings.py for issue 24's
-findings and tests/test_rehearsal_burst.py for the check on every landing.
+findings and tests/test_rehearse.py for the check on every landing.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from sqlalchemy import select
 
 from magicmix.store.database import open_database
 from magicmix.store.schema import jobs
-from magicmix.store.testing import TempPostgres
 from tests.http_fixtures import LoopbackServer, free_port, respond
 from tests.s3_server import DUMMY_AWS_ENV
 from tests.service_fixtures import MIX
@@ -146,15 +145,13 @@ def check_burst(
 def test_two_replicas_survive_one_killed_mid_burst(
     tmp_path: Path,
     tiny_model_dir: Path,
-    postgres: TempPostgres,
+    pg_url: str,
     s3_server: str,
     bucket: str,
     s3_client: Any,
     receiver: LoopbackServer,
 ) -> None:
-    ids, outcome = run_burst(
-        tmp_path, tiny_model_dir, postgres.fresh_url(), s3_server, bucket, receiver, 12
-    )
+    ids, outcome = run_burst(tmp_path, tiny_model_dir, pg_url, s3_server, bucket, receiver, 12)
     check_burst(ids, outcome, receiver, s3_client, bucket)
 
 
@@ -163,7 +160,7 @@ def test_two_replicas_survive_one_killed_mid_burst(
 def test_two_replicas_survive_one_killed_mid_burst_many_rounds(
     tmp_path: Path,
     tiny_model_dir: Path,
-    postgres: TempPostgres,
+    pg_url: str,
     s3_server: str,
     make_bucket: Any,
     s3_client: Any,
@@ -171,7 +168,5 @@ def test_two_replicas_survive_one_killed_mid_burst_many_rounds(
     round_: int,
 ) -> None:
     bucket = make_bucket()
-    ids, outcome = run_burst(
-        tmp_path, tiny_model_dir, postgres.fresh_url(), s3_server, bucket, receiver, 40
-    )
+    ids, outcome = run_burst(tmp_path, tiny_model_dir, pg_url, s3_server, bucket, receiver, 40)
     check_burst(ids, outcome, receiver, s3_client, bucket)

@@ -27,6 +27,7 @@ from magicmix.store.database import current_revision, head, open_database
 from magicmix.store.jobs import SqlJobStore
 from magicmix.store.keys import SqlKeyStore
 from magicmix.store.schema import metadata
+from tests.db_fixtures import DIALECTS
 from tests.legacy_release import add_job, add_key, make_database
 from tests.test_jobs import params
 
@@ -97,9 +98,15 @@ def _open(url: str, results: object) -> None:
     results.put(current_revision(database))  # type: ignore[attr-defined]
 
 
-def test_processes_starting_together_migrate_a_new_database_once(database_url: str) -> None:
-    if database_url.startswith("postgresql"):  # `fresh_url` gives a migrated copy: start empty
-        database_url = database_url.rsplit("/", 1)[0] + "/" + _empty_database(database_url)
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_processes_starting_together_migrate_a_new_database_once(
+    dialect: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    database_url = (  # a new database, not yet migrated
+        f"sqlite:///{tmp_path / 'magicmix.sqlite3'}"
+        if dialect == "sqlite"
+        else request.getfixturevalue("postgres").create_database()
+    )
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     processes = [context.Process(target=_open, args=(database_url, results)) for _ in range(4)]
@@ -112,17 +119,6 @@ def test_processes_starting_together_migrate_a_new_database_once(database_url: s
     assert revisions == [head()] * 4
     tables = inspect(open_database(database_url, migrate_schema=False).engine).get_table_names()
     assert sorted(tables) == ["alembic_version", "api_keys", "idempotency", "jobs"]
-
-
-def _empty_database(url: str) -> str:
-    import uuid
-
-    import psycopg
-
-    name = f"empty_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return name
 
 
 def test_the_tables_the_queries_use_are_the_tables_the_migrations_make(database_url: str) -> None:
