@@ -260,6 +260,13 @@ class Lifecycle:
             job.id, Q, {P}, held_by=job.claimant, claimant=None, started_at=None, lease_until=None
         )
 
+    def give_back(self, job: JobRecord, message: str) -> JobRecord | None:
+        """A claimed job whose run was cut short: requeued for another run, or failed with
+        `message` (and its webhook) once it used `max_attempts` runs, as lapsed claims are."""
+        if job.run_attempts >= self.leases.max_attempts:
+            return self.fail(job.id, message, expected={P}, claimant=job.claimant)
+        return self.requeue(job)
+
     # -- cancelling, expiring, repairing ------------------------------------------------
 
     def cancel(self, job_id: int, reason: str = "cancelled by clear_queue") -> JobRecord | None:

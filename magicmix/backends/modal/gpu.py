@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from magicmix.backends.modal.compose import ModalParts, job_runner
 from magicmix.backends.modal.dispatch import parse_job_input
-from magicmix.jobs import JobRecord, JobStatus
+from magicmix.jobs import JobRecord
 from magicmix.runner import Engine
 
 log = logging.getLogger(__name__)
@@ -53,18 +53,11 @@ class GpuWorker:
         return [_status(self.parts, job_id) for job_id, _ in parsed]
 
     def _give_back(self, jobs: list[JobRecord]) -> None:
-        lifecycle = self.parts.lifecycle
         for job in jobs:
-            if job.run_attempts >= lifecycle.leases.max_attempts:
-                lifecycle.fail(
-                    job.id,
-                    f"the GPU run of this job failed {job.run_attempts} times; please submit"
-                    " it again",
-                    expected={JobStatus.PROCESSING},
-                    claimant=job.claimant,
-                )
-            else:
-                lifecycle.requeue(job)
+            self.parts.lifecycle.give_back(
+                job,
+                f"the GPU run of this job failed {job.run_attempts} times; please submit it again",
+            )
 
 
 def _status(parts: ModalParts, job_id: int) -> str:
