@@ -109,9 +109,14 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> torch.Ten
     ).input_ids
 
 
+def text_window(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many of a text's own tokens `token_ids` keeps (the rest are start/end markers)."""
+    return int(tokenizer.model_max_length - tokenizer.num_special_tokens_to_add())
+
+
 def text_reads(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[TextRead]:
     """Each text's own tokens, and whether they exceed what `token_ids` keeps of them."""
-    window = tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()
+    window = text_window(tokenizer)
     counts = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)
     return [TextRead(len(ids), len(ids) > window) for ids in counts.input_ids]
 
@@ -132,9 +137,7 @@ class ClipConditioner:
         self.device = device
         self.dtype = dtype
         self._pieces = pieces  # the batch whole, or one row at a time (batch invariance)
-        self.window = min(
-            t.model_max_length - t.num_special_tokens_to_add() for t in components.tokenizers
-        )
+        self.window = min(map(text_window, components.tokenizers))
 
     def encode(self, texts: list[str]) -> list[EncodedText]:
         parts = self.components
