@@ -61,7 +61,8 @@ class JobRunner:
         self.outputs = outputs
 
     def run(self, engine: Engine, batch: list[JobRecord]) -> list[JobRecord]:
-        """Mix `batch` (claimed, compatible jobs) in one engine call; returns the ended ones."""
+        """Mix `batch` (claimed jobs): one engine call per schedule group, so a group that
+        fails ends only its own jobs, each with its own time; returns the ended ones."""
         ended: list[JobRecord | None] = []
         runnable: list[tuple[JobRecord, MixRequest]] = []
         for job in batch:

@@ -56,9 +56,6 @@ class Sweeper:
         self._steps = list(steps)
         self.failures: dict[str, int] = {}  # step -> failures since start
 
-    def add_step(self, name: str, step: Callable[[], Awaitable[object]]) -> None:
-        self._steps.append((name, step))
-
     async def run_forever(self) -> None:
         """Sweep every `sweep_interval_s` for as long as the process runs."""
         while True:
