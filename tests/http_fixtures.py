@@ -9,12 +9,13 @@ the handler, or the handler ran to its end without the client hanging up.
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+
+from magicmix.store.testing import free_port as free_port  # the one definition, re-exported
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
@@ -54,13 +55,6 @@ def respond(status: int, body: bytes = b"", headers: dict[str, str] | None = Non
 def redirect(location: str, status: int = 302) -> Handler:
     """A handler that redirects to `location`."""
     return respond(status, headers={"Location": location})
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, read, released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Server(ThreadingHTTPServer):

@@ -61,6 +61,7 @@ def find_bindir() -> Path:
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on (bound, read, released)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
